@@ -1,0 +1,650 @@
+"""CLIP backbone, Text Embedding Synthesizer (TES), DINO head and the two GET models.
+
+Everything GET needs from CLIP lives here (GET_SPEC.md §2-§4):
+
+* ``load_clip`` builds a frozen fp32 open_clip CLIP (ViT-B/16 with OpenAI weights by default,
+  or the random-init ``GET-tiny`` architecture used by the tests and the demo);
+* ``visual_trunk`` / ``visual_tail`` / ``visual_project`` split the image encoder at
+  ``grad_from_block`` so that the frozen blocks run once, without autograd;
+* ``TextEmbeddingSynthesizer`` turns a CLIP image embedding into 7 pseudo words and encodes them
+  with CLIP's own frozen text transformer (stage 1 trains its projector);
+* ``DINOHead`` is the SimGCD head (MLP projection + cosine classifier with a fixed norm);
+* ``TESStage`` (stage 1) and ``GETModel`` (stage 2) assemble them; each has one
+  ``set_trainable`` that decides what trains and a ``parameter_summary`` for the log.
+
+Used by ``train.py``, e.g.::
+
+    python train.py --dataset_name cub --stage all                     # ViT-B-16, OpenAI weights
+    python train.py --dataset_name digits --clip_model GET-tiny --pretrained none   # CPU demo
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+from torch import Tensor, nn
+
+TINY_MODEL_NAME = "GET-tiny"
+_MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+
+# open_clip's tokenizer pads with id 0; the TES pads a shortened pseudo text with its embedding.
+PAD_TOKEN_ID = 0
+# The reference fuses the two heads as the mean of softmax(raw logits): temperature 1, although
+# the losses use logits / 0.1. ``predict`` keeps that default and lets the caller choose.
+FUSE_TEMPERATURE = 1.0
+# Non-weight entries of OpenAI's TorchScript checkpoints.
+_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP loading
+# --------------------------------------------------------------------------------------------
+
+def register_tiny_clip() -> None:
+    """Register ``GET-tiny`` (``model_configs/GET-tiny.json``) with open_clip; idempotent.
+
+    A 4-block ViT (32x32 images, patch 8, width 64) and a 2-block text transformer with the real
+    CLIP vocabulary and tokenizer, embedding size 32. It has no pretrained weights: its random
+    init follows the global torch RNG, so seed torch before ``load_clip`` for identical models.
+    """
+    if TINY_MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(_MODEL_CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
+
+
+def vision_depth(model_name: str) -> int:
+    """Number of transformer blocks of the image encoder of an open_clip ViT architecture.
+
+    Raises ValueError for an unknown name or a non-ViT image encoder.
+    """
+    register_tiny_clip()
+    cfg = open_clip.get_model_config(model_name.replace("/", "-"))
+    if cfg is None:
+        raise ValueError(f"unknown CLIP architecture {model_name!r} (flag --clip_model); "
+                         f"known ones include ViT-B-16 and {TINY_MODEL_NAME}")
+    layers = cfg["vision_cfg"].get("layers")
+    if not isinstance(layers, int) or "timm_model_name" in cfg["vision_cfg"]:
+        raise ValueError(f"--clip_model {model_name!r} does not have a plain ViT image encoder; "
+                         "GET needs one (e.g. ViT-B-16)")
+    return layers
+
+
+def get_tokenizer(model_name: str = "ViT-B-16") -> open_clip.tokenizer.SimpleTokenizer:
+    """open_clip's tokenizer for ``model_name`` (callable: list[str] -> LongTensor [N, 77])."""
+    register_tiny_clip()
+    return open_clip.get_tokenizer(model_name.replace("/", "-"))
+
+
+def load_clip(model_name: str = "ViT-B-16", pretrained: str | None = "openai",
+              device: str | torch.device = "cpu", cache_dir: str | None = None) -> open_clip.CLIP:
+    """A frozen open_clip CLIP in fp32 and eval mode (every parameter has requires_grad=False).
+
+    Args:
+        model_name: open_clip architecture, e.g. ``ViT-B-16`` or ``GET-tiny``.
+        pretrained: an open_clip tag (``openai``), a local checkpoint file (an open_clip / OpenAI
+            state dict, or OpenAI's TorchScript ``ViT-B-16.pt``), or None / '' for random init
+            (also 'none'; seed torch first for a reproducible model).
+        device: where the model lives.
+        cache_dir: open_clip's download cache (flag ``--clip_cache_dir``).
+
+    QuickGELU (the activation of OpenAI's CLIP) is used unless the pretrained tag says its
+    weights were trained without it: local files are taken to hold OpenAI weights, as in GET.
+    """
+    register_tiny_clip()
+    model_name = model_name.replace("/", "-")
+    vision_depth(model_name)  # clear error for unknown or non-ViT architectures
+    checkpoint, quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
+    jit_archive = checkpoint is not None and _is_torchscript_archive(checkpoint)
+    clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
+                                  precision="fp32", device=device, force_quick_gelu=quick_gelu)
+    if jit_archive:
+        _load_torchscript_weights(clip, checkpoint)
+    check_supported_clip(clip)
+    clip.requires_grad_(False)
+    return clip.eval()
+
+
+def _resolve_pretrained(model_name: str, pretrained: str | None,
+                        cache_dir: str | None) -> tuple[str | None, bool]:
+    """(local checkpoint path or None, whether QuickGELU is needed) for ``--pretrained``."""
+    if not pretrained or pretrained.lower() == "none":
+        return None, True
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if tag_cfg:
+        try:
+            path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(
+                f"could not download the CLIP weights {model_name} / {pretrained!r} ({err}). "
+                "Without internet, download them on a connected machine and either pass the file "
+                "with --pretrained /path/to/checkpoint (an open_clip state dict or OpenAI's "
+                "ViT-B-16.pt), or copy open_clip's cache folder and pass it with --clip_cache_dir "
+                "(or set HF_HOME for the Hugging Face cache)") from err
+        return path, bool(tag_cfg.get("quick_gelu", False))
+    if os.path.isfile(pretrained):
+        return pretrained, True
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
+    raise FileNotFoundError(
+        f"--pretrained {pretrained!r}: no CLIP checkpoint file at {os.path.abspath(pretrained)} "
+        f"and not an open_clip tag of {model_name} (tags: {tags}). Pass --pretrained with an "
+        "existing checkpoint file, a tag such as 'openai', or 'none' for random init")
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """True for a TorchScript zip (OpenAI's original checkpoints), which torch.load refuses
+    with weights_only=True."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _load_torchscript_weights(clip: nn.Module, path: str) -> None:
+    """Copy the weights of a TorchScript CLIP archive into ``clip`` (strict key match)."""
+    with warnings.catch_warnings():
+        # torch.jit.load is deprecated, but it is the only reader of these archives.
+        warnings.simplefilter("ignore", FutureWarning)
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    non_persistent = set(dict(clip.named_buffers())) - set(clip.state_dict())
+    skip = set(_OPENAI_METADATA_KEYS) | non_persistent
+    clip.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=True)
+
+
+def check_supported_clip(clip: nn.Module) -> None:
+    """Raise ValueError unless ``clip`` is an open_clip CLIP whose towers this module can split:
+    a ViT with class-token pooling and ln_post before pooling, batch-first transformers."""
+    if not isinstance(clip, open_clip.CLIP) or not isinstance(clip.visual, VisionTransformer):
+        raise ValueError("GET needs an open_clip CLIP with a ViT image encoder and the standard "
+                         f"text tower; got {type(clip).__name__} "
+                         "(choose e.g. --clip_model ViT-B-16)")
+    visual = clip.visual
+    if (visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool
+            or visual.proj is None):
+        raise ValueError("GET needs a CLIP ViT with class-token pooling, ln_post before pooling "
+                         "and a visual projection (as ViT-B-16)")
+    if not (getattr(visual.transformer, "batch_first", False)
+            and getattr(clip.transformer, "batch_first", False)):
+        raise ValueError("this open_clip version runs its transformers sequence-first; "
+                         "upgrade open_clip_torch (>= 3.0)")
+    if clip.attn_mask is None:
+        raise ValueError("GET needs CLIP's causal text attention mask")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with requires_grad=False everywhere, in eval mode."""
+    clone = copy.deepcopy(module)
+    clone.requires_grad_(False)
+    return clone.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Image encoder split at grad_from_block
+# --------------------------------------------------------------------------------------------
+
+def visual_trunk(visual: VisionTransformer, images: Tensor, grad_from_block: int) -> Tensor:
+    """Stem and the first ``grad_from_block`` blocks of a CLIP ViT.
+
+    Args:
+        visual: ``clip.visual``.
+        images: [B, 3, H, W] float.
+        grad_from_block: g in [0, depth]; g = 0 runs the stem only.
+
+    Returns:
+        tokens [B, 1 + H*W/patch^2, width]: class token first (fewer if patch dropout is on).
+    """
+    x = visual.conv1(images)                                  # [B, width, H/p, W/p]
+    x = x.flatten(2).transpose(1, 2)                          # [B, L-1, width]
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.ln_pre(visual.patch_dropout(x))
+    for block in visual.transformer.resblocks[:grad_from_block]:
+        x = block(x)
+    return x
+
+
+def visual_tail(blocks: Iterable[nn.Module], ln_post: nn.Module, tokens: Tensor) -> Tensor:
+    """Remaining blocks, then ln_post and class-token pooling as open_clip does for ViT-B-16.
+
+    Args:
+        blocks: the blocks after the trunk (``visual.transformer.resblocks[g:]`` or a copy).
+        ln_post: ``visual.ln_post``.
+        tokens: [B, L, width] from ``visual_trunk``.
+
+    Returns:
+        CLS feature [B, width] (before the visual projection).
+    """
+    x = tokens
+    for block in blocks:
+        x = block(x)
+    return ln_post(x)[:, 0]
+
+
+def visual_project(visual: VisionTransformer, features: Tensor) -> Tensor:
+    """CLIP's visual projection: [B, width] -> [B, embed_dim]."""
+    return features @ visual.proj
+
+
+def encode_image_split(visual: VisionTransformer, images: Tensor) -> Tensor:
+    """``clip.encode_image`` written with the split functions: [B, 3, H, W] -> [B, embed_dim]."""
+    tokens = visual_trunk(visual, images, 0)
+    return visual_project(visual, visual_tail(visual.transformer.resblocks, visual.ln_post, tokens))
+
+
+# --------------------------------------------------------------------------------------------
+# Text Embedding Synthesizer
+# --------------------------------------------------------------------------------------------
+
+def _text_project(clip: open_clip.CLIP, x: Tensor) -> Tensor:
+    """CLIP's text projection [B, text_width] -> [B, embed_dim] (a Parameter or a Linear)."""
+    if isinstance(clip.text_projection, nn.Linear):
+        return clip.text_projection(x)
+    return x @ clip.text_projection
+
+
+class TextEmbeddingSynthesizer(nn.Module):
+    """TES (GET_SPEC §3): image embedding -> n_words pseudo word embeddings -> CLIP text encoder.
+
+    Only ``projector`` is a parameter of this module. The CLIP model is held as a plain
+    attribute, not a submodule, so ``state_dict()`` is the projector alone and ``.to()`` moves
+    only the projector: the owner of the CLIP model (``TESStage``, ``GETModel``) moves it.
+    The projector is created on CLIP's device; its init follows the global torch RNG.
+    """
+
+    def __init__(self, clip_model: open_clip.CLIP, n_words: int = 7, word_drop: float = 0.0,
+                 tokenizer: open_clip.tokenizer.SimpleTokenizer | None = None):
+        """
+        Args:
+            clip_model: frozen CLIP whose text tower encodes the pseudo words.
+            n_words: pseudo words per image (7 in GET).
+            word_drop: probability of dropping each pseudo word in train mode (0 = off).
+            tokenizer: gives the start/end-of-text ids; default open_clip's CLIP tokenizer.
+        """
+        super().__init__()
+        check_supported_clip(clip_model)
+        if n_words < 1 or n_words + 2 > clip_model.context_length:
+            raise ValueError(f"n_words must be in [1, {clip_model.context_length - 2}]; "
+                             f"got {n_words}")
+        if not 0.0 <= word_drop < 1.0:
+            raise ValueError(f"word_drop must be in [0, 1); got {word_drop}")
+        # Bypasses nn.Module registration: no CLIP weights in this module's state_dict.
+        object.__setattr__(self, "clip", clip_model)
+        tokenizer = tokenizer or open_clip.SimpleTokenizer()
+        device = _device_of(clip_model)
+        # [SOT, EOT, PAD] token ids; a non-persistent buffer so that it follows .to() and stays
+        # out of the state_dict.
+        special_ids = [tokenizer.sot_token_id, tokenizer.eot_token_id, PAD_TOKEN_ID]
+        self.register_buffer("special_ids", torch.tensor(special_ids, device=device),
+                             persistent=False)
+        self.n_words, self.word_drop = n_words, word_drop
+        self.text_width = clip_model.token_embedding.embedding_dim
+        self.projector = nn.Linear(clip_model.visual.output_dim, n_words * self.text_width,
+                                   device=device)
+
+    def forward(self, image_embeddings: Tensor) -> Tensor:
+        """[B, embed_dim] CLIP image embeddings -> [B, embed_dim] pseudo text embeddings.
+
+        In train mode with word_drop > 0 each pseudo word is dropped with that probability
+        (never all of a row); never in eval mode.
+        """
+        words = self.projector(image_embeddings).unflatten(1, (self.n_words, self.text_width))
+        keep = None
+        if self.training and self.word_drop > 0:
+            keep = self.sample_keep_mask(words.shape[0], words.device)
+        return self.encode_words(words, keep)
+
+    def sample_keep_mask(self, batch_size: int, device: torch.device | str) -> Tensor:
+        """Bool [B, n_words]: each word kept with prob 1 - word_drop; a row that would keep
+        nothing keeps one uniformly chosen word instead."""
+        keep = torch.rand(batch_size, self.n_words, device=device) >= self.word_drop
+        rescue = F.one_hot(torch.randint(self.n_words, (batch_size,), device=device),
+                           self.n_words).bool()
+        return keep | (rescue & ~keep.any(dim=1, keepdim=True))
+
+    def encode_words(self, words: Tensor, keep_mask: Tensor | None = None) -> Tensor:
+        """Encode pseudo words with CLIP's text tower as the text ``[SOT] words [EOT]``.
+
+        Args:
+            words: [B, n_words, text_width] word embeddings (any float dtype).
+            keep_mask: optional bool [B, n_words]; the kept words are packed to the front in
+                their order, followed by EOT and padded with the embedding of token 0, as if
+                the dropped tokens had never been in the text. Rows should keep >= 1 word.
+
+        Returns:
+            [B, embed_dim] text embeddings (not normalised), read at the EOT position.
+        """
+        clip = self.clip
+        batch, n_words, width = words.shape
+        if (n_words, width) != (self.n_words, self.text_width):
+            raise ValueError(f"words must be [B, {self.n_words}, {self.text_width}]; "
+                             f"got {tuple(words.shape)}")
+        sot, eot, pad = clip.token_embedding(self.special_ids).to(words.dtype).unbind(0)  # [width]
+        if keep_mask is None:
+            body = torch.cat([words, eot.expand(batch, 1, width)], dim=1)  # [B, n+1, width]
+            eot_pos = torch.full((batch,), n_words + 1, device=words.device)
+        else:
+            body, eot_pos = self._pack_kept_words(words, keep_mask, eot, pad)
+        x = torch.cat([sot.expand(batch, 1, width), body], dim=1)  # [B, n+2, width]
+        length = n_words + 2
+        x = x + clip.positional_embedding[:length].to(x.dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
+        x = clip.ln_final(x)
+        return _text_project(clip, x[torch.arange(batch, device=x.device), eot_pos])
+
+    def _pack_kept_words(self, words: Tensor, keep_mask: Tensor, eot: Tensor,
+                         pad: Tensor) -> tuple[Tensor, Tensor]:
+        """Kept words first (order kept), then EOT, then padding; vectorised with a gather.
+
+        Returns:
+            body [B, n_words+1, width] (the text after SOT) and the EOT position [B] long
+            (1 + number of kept words) in the full sequence.
+        """
+        batch, n_words, width = words.shape
+        if keep_mask.shape != (batch, n_words):
+            raise ValueError(f"keep_mask must be [{batch}, {n_words}]; "
+                             f"got {tuple(keep_mask.shape)}")
+        keep = keep_mask.to(device=words.device, dtype=torch.bool)
+        n_kept = keep.sum(dim=1, keepdim=True)                                    # [B, 1]
+        # Indices of kept words first, in their original order (stable sort of 0=kept, 1=dropped).
+        kept_first = torch.sort((~keep).int(), dim=1, stable=True).indices        # [B, n]
+        kept_first = torch.cat([kept_first, kept_first[:, :1]], dim=1)            # [B, n+1]
+        # Candidate rows: the words, then EOT (index n_words), then PAD (index n_words + 1).
+        pool = torch.cat([words, eot.expand(batch, 1, width), pad.expand(batch, 1, width)], dim=1)
+        slot = torch.arange(n_words + 1, device=words.device)
+        source = torch.where(slot < n_kept, kept_first,
+                             torch.where(slot == n_kept, n_words, n_words + 1))   # [B, n+1]
+        body = pool.gather(1, source.unsqueeze(-1).expand(-1, -1, width))
+        return body, n_kept.squeeze(1) + 1
+
+
+@torch.no_grad()
+def class_text_embeddings(clip_model: open_clip.CLIP, tokenizer,
+                          class_names: Sequence[str], template: str = "a photo of a {}",
+                          batch_size: int = 256) -> Tensor:
+    """L2-normalised CLIP text embeddings of ``template.format(name)``: float32 [K, embed_dim],
+    on CLIP's device, in the order of ``class_names``."""
+    if "{}" not in template:
+        raise ValueError(f"the prompt template needs a '{{}}' for the class name; got {template!r}")
+    if not class_names:
+        raise ValueError("class_names is empty")
+    device = _device_of(clip_model)
+    prompts = [template.format(name) for name in class_names]
+    chunks = [clip_model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device)).float()
+              for i in range(0, len(prompts), batch_size)]
+    return F.normalize(torch.cat(chunks), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Head
+# --------------------------------------------------------------------------------------------
+
+class DINOHead(nn.Module):
+    """SimGCD's head: an MLP projection for the contrastive losses and a cosine classifier.
+
+    The classifier is a weight-normalised Linear(in_dim -> out_dim, no bias) whose norm g is
+    fixed at 1, written explicitly: logits = normalize(x) @ (g * v / ||v||_row)^T with
+    ``weight_g`` a constant buffer of ones (never trained) and ``weight_v`` the trainable
+    direction, initialised like a default PyTorch Linear. It acts on the normalised INPUT x,
+    not on the MLP output.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, nlayers: int = 3, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256):
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"nlayers must be >= 1; got {nlayers}")
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.weight_v = nn.Parameter(torch.empty(out_dim, in_dim))
+        # PyTorch's default Linear init (what nn.Linear.reset_parameters does for the weight).
+        nn.init.kaiming_uniform_(self.weight_v, a=5 ** 0.5)
+        self.register_buffer("weight_g", torch.ones(out_dim, 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, in_dim] -> (z [B, bottleneck_dim] unnormalised, logits [B, out_dim] cosines)."""
+        z = self.mlp(x)
+        weight = self.weight_g * F.normalize(self.weight_v, dim=1)
+        logits = F.normalize(x, dim=-1) @ weight.t()
+        return z, logits
+
+
+# --------------------------------------------------------------------------------------------
+# Stage models
+# --------------------------------------------------------------------------------------------
+
+class _PartlyTrainable(nn.Module):
+    """Base of the stage models: subclasses name their trainable modules, the rest is frozen.
+
+    ``set_trainable`` is the one place that decides what trains; ``train()`` only switches the
+    trainable modules, every frozen one stays in eval mode.
+    """
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """{qualified name: module} of everything that trains."""
+        raise NotImplementedError
+
+    def set_trainable(self) -> None:
+        """Freeze every parameter, then unfreeze the trainable modules."""
+        self.requires_grad_(False)
+        for module in self.trainable_modules().values():
+            module.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> _PartlyTrainable:
+        self.training = mode
+        for module in self.children():
+            module.train(False)
+        for module in self.trainable_modules().values():
+            module.train(mode)
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimiser should update."""
+        return [p for module in self.trainable_modules().values() for p in module.parameters()]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """{name: tensor} of the trainable modules (what a checkpoint stores; CLIP is reloaded)."""
+        return {f"{prefix}.{key}": value
+                for prefix, module in self.trainable_modules().items()
+                for key, value in module.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy ``state`` (from ``trainable_state_dict``) into the model.
+
+        Keys and shapes must match exactly; a ValueError names the differences.
+        """
+        own = self.trainable_state_dict()
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        wrong_shape = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                "checkpoint does not match this model: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}"
+                f" (counts {len(missing)}/{len(unexpected)}/{len(wrong_shape)}). Was it saved with "
+                "another --clip_model, --grad_from_block, --use_projection, --shared_head or "
+                "number of classes?")
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state[key])
+
+    def parameter_summary(self) -> list[tuple[str, int, int]]:
+        """[(part, trainable parameters, total parameters)] for the log; every trainable module
+        is its own row, frozen parameters are grouped by top-level part."""
+        prefixes = list(self.trainable_modules())
+        rows: dict[str, list[int]] = {}
+        for name, param in self.named_parameters():
+            group = next((p for p in prefixes if name.startswith(p + ".")), None)
+            if group is None:
+                head, _, rest = name.partition(".")
+                group = head
+                if head == "clip":
+                    group = "clip.visual" if rest.startswith("visual.") else "clip.text"
+            counts = rows.setdefault(group, [0, 0])
+            counts[0] += param.numel() if param.requires_grad else 0
+            counts[1] += param.numel()
+        return [(group, trainable, total) for group, (trainable, total) in rows.items()]
+
+
+def _check_tes_clip(clip_model: nn.Module, tes: TextEmbeddingSynthesizer) -> None:
+    if tes.clip is not clip_model:
+        raise ValueError("the TES must be built on the same CLIP model as the stage model")
+
+
+class TESStage(_PartlyTrainable):
+    """Stage 1 (GET_SPEC §3): frozen CLIP image embedding f and the TES output t; only the TES
+    projector trains."""
+
+    def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
+                 shared_encoder: bool = True):
+        """
+        Args:
+            shared_encoder: True: one frozen image-encoder pass gives both f and the TES input.
+                False (the reference): a separate frozen copy of the image encoder encodes the
+                images again for the TES (same values, twice the compute and one more copy).
+        """
+        super().__init__()
+        _check_tes_clip(clip_model, tes)
+        self.clip, self.tes, self.shared_encoder = clip_model, tes, shared_encoder
+        self.frozen_visual = None if shared_encoder else _frozen_copy(clip_model.visual)
+        self.set_trainable()
+        self.train()
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"tes": self.tes}
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images [N, 3, H, W] -> (f [N, embed_dim] CLIP image embedding, t [N, embed_dim] TES)."""
+        if self.shared_encoder:
+            with torch.no_grad():
+                f = self.clip.encode_image(images)
+            return f, self.tes(f)
+        f = self.clip.encode_image(images)
+        return f, self.tes(self.frozen_visual(images))
+
+
+class GETModel(_PartlyTrainable):
+    """Stage 2 (GET_SPEC §4): visual branch (CLIP ViT, blocks >= g train) and text branch
+    (frozen TES on the frozen CLIP image embedding, then a trainable ``text_map``), each
+    followed by a DINO head (one shared head by default).
+
+    shared_trunk=True computes the frozen blocks [0, g) once per image without autograd and
+    feeds their tokens both to the trainable blocks and to a frozen copy of blocks [g, depth)
+    that yields the CLIP image embedding for the TES. shared_trunk=False is the reference
+    computation (a full frozen CLIP image-encoder copy for the TES, a full forward for the
+    visual branch): same outputs and gradients, about twice the image-encoder compute.
+    """
+
+    def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
+                 num_classes: int, grad_from_block: int = 11, use_projection: bool = False,
+                 shared_head: bool = True, shared_trunk: bool = True):
+        """
+        Args:
+            clip_model: the frozen CLIP from ``load_clip``; its blocks >= g become trainable.
+            tes: the stage-1 TES on ``clip_model`` (always in eval mode here).
+            num_classes: K, the number of clusters.
+            grad_from_block: g in [0, depth]; 0 trains every block, depth none.
+            use_projection: keep CLIP's visual projection in the visual branch (ImageNet-1K).
+            shared_head: one head for both branches (the reference) or one per branch.
+            shared_trunk: the optimised computation (see the class docstring).
+        """
+        super().__init__()
+        _check_tes_clip(clip_model, tes)
+        visual = clip_model.visual
+        depth = len(visual.transformer.resblocks)
+        if not 0 <= grad_from_block <= depth:
+            raise ValueError(f"--grad_from_block must be in [0, {depth}]; got {grad_from_block}")
+        self.clip, self.tes = clip_model, tes
+        self.grad_from_block, self.depth = grad_from_block, depth
+        self.use_projection, self.shared_trunk = use_projection, shared_trunk
+        # Only the copy that the chosen computation needs: the frozen tail (shared trunk) or the
+        # whole frozen image encoder (reference).
+        tail = visual.transformer.resblocks[grad_from_block:]
+        self.frozen_tail = _frozen_copy(tail) if shared_trunk else None
+        self.frozen_visual = None if shared_trunk else _frozen_copy(visual)
+        embed_dim = visual.output_dim
+        self.feat_dim = embed_dim if use_projection else visual.transformer.width
+        self.text_map = nn.Linear(embed_dim, self.feat_dim)
+        self.head = DINOHead(self.feat_dim, num_classes)
+        self.text_head = None if shared_head else DINOHead(self.feat_dim, num_classes)
+        self.to(_device_of(clip_model))
+        self.set_trainable()
+        self.train()
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        blocks = self.clip.visual.transformer.resblocks
+        modules = {f"clip.visual.transformer.resblocks.{i}": blocks[i]
+                   for i in range(self.grad_from_block, self.depth)}
+        modules.update(text_map=self.text_map, head=self.head)
+        if self.text_head is not None:
+            modules["text_head"] = self.text_head
+        return modules
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """images [N, 3, H, W] -> dict of 'v_feat', 't_feat' [N, feat_dim]; 'v_proj', 't_proj'
+        [N, 256] (head MLP outputs); 'v_logits', 't_logits' [N, K] (cosine logits)."""
+        if self.shared_trunk:
+            v_feat, clip_emb = self._encode_shared(images)
+        else:
+            v_feat, clip_emb = self._encode_reference(images)
+        if self.use_projection:
+            v_feat = visual_project(self.clip.visual, v_feat)
+        t_feat = self.text_map(self.tes(clip_emb))
+        text_head = self.text_head if self.text_head is not None else self.head
+        v_proj, v_logits = self.head(v_feat)
+        t_proj, t_logits = text_head(t_feat)
+        return {"v_feat": v_feat, "t_feat": t_feat, "v_proj": v_proj, "v_logits": v_logits,
+                "t_proj": t_proj, "t_logits": t_logits}
+
+    def _encode_shared(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(CLS feature [N, width] of the trainable encoder, frozen CLIP embedding [N, embed_dim]);
+        the frozen trunk runs once, without autograd."""
+        visual = self.clip.visual
+        with torch.no_grad():
+            tokens = visual_trunk(visual, images, self.grad_from_block)
+            clip_emb = visual_project(visual, visual_tail(self.frozen_tail, visual.ln_post, tokens))
+        blocks = visual.transformer.resblocks[self.grad_from_block:]
+        return visual_tail(blocks, visual.ln_post, tokens), clip_emb
+
+    def _encode_reference(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """As ``_encode_shared``, computed like the reference: two full image-encoder passes."""
+        visual = self.clip.visual
+        clip_emb = self.frozen_visual(images)
+        tokens = visual_trunk(visual, images, 0)
+        return visual_tail(visual.transformer.resblocks, visual.ln_post, tokens), clip_emb
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, fuse_temperature: float = FUSE_TEMPERATURE) -> dict[str, Tensor]:
+        """Evaluation outputs: 'v_logits', 't_logits' [N, K] and 'fused_probs' [N, K], the mean
+        of softmax(logits / fuse_temperature) of both heads (1 as in the reference; 0.1 is the
+        training temperature). Does not change the train/eval mode: call ``eval()`` first."""
+        out = self(images)
+        fused = (F.softmax(out["v_logits"].float() / fuse_temperature, dim=-1)
+                 + F.softmax(out["t_logits"].float() / fuse_temperature, dim=-1)) / 2
+        return {"v_logits": out["v_logits"], "t_logits": out["t_logits"], "fused_probs": fused}
+
+
+def format_parameter_summary(rows: list[tuple[str, int, int]]) -> str:
+    """A small table of ``parameter_summary()`` rows with a total line."""
+    lines = [f"{name:<40s} trainable {trainable:>12,d} / {total:>12,d}"
+             for name, trainable, total in rows]
+    trainable, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines.append(f"{'total':<40s} trainable {trainable:>12,d} / {total:>12,d}")
+    return "\n".join(lines)

@@ -181,6 +181,14 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _rebind_tes(tes: "TextEmbeddingSynthesizer", clip_model: open_clip.CLIP) -> "TextEmbeddingSynthesizer":
+    """The same TES (its projector shared, not copied) encoding through another CLIP."""
+    clone = copy.copy(tes)
+    clone._modules = dict(tes._modules)
+    object.__setattr__(clone, "clip", clip_model)
+    return clone
+
+
 def _frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with requires_grad=False everywhere, in eval mode."""
     clone = copy.deepcopy(module)
@@ -549,7 +557,8 @@ class GETModel(_PartlyTrainable):
     feeds their tokens both to the trainable blocks and to a frozen copy of blocks [g, depth)
     that yields the CLIP image embedding for the TES. shared_trunk=False is the reference
     computation (a full frozen CLIP image-encoder copy for the TES, a full forward for the
-    visual branch): same outputs and gradients, about twice the image-encoder compute.
+    visual branch, two more full CLIP copies in memory as the reference holds): same outputs
+    and gradients, about twice the image-encoder compute.
     """
 
     def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
@@ -574,11 +583,14 @@ class GETModel(_PartlyTrainable):
         self.clip, self.tes = clip_model, tes
         self.grad_from_block, self.depth = grad_from_block, depth
         self.use_projection, self.shared_trunk = use_projection, shared_trunk
-        # Only the copy that the chosen computation needs: the frozen tail (shared trunk) or the
-        # whole frozen image encoder (reference).
+        # Only the copies that the chosen computation needs: the frozen tail (shared trunk), or
+        # the reference's layout, where the TES owns one full CLIP to encode the images and
+        # another to encode the pseudo text (three CLIPs in memory with the visual branch's).
         tail = visual.transformer.resblocks[grad_from_block:]
         self.frozen_tail = _frozen_copy(tail) if shared_trunk else None
-        self.frozen_visual = None if shared_trunk else _frozen_copy(visual)
+        self.ref_image_clip = None if shared_trunk else _frozen_copy(clip_model)
+        self.ref_text_clip = None if shared_trunk else _frozen_copy(clip_model)
+        self.ref_tes = None if shared_trunk else _rebind_tes(tes, self.ref_text_clip)
         embed_dim = visual.output_dim
         self.feat_dim = embed_dim if use_projection else visual.transformer.width
         self.text_map = nn.Linear(embed_dim, self.feat_dim)
@@ -606,7 +618,8 @@ class GETModel(_PartlyTrainable):
             v_feat, clip_emb = self._encode_reference(images)
         if self.use_projection:
             v_feat = visual_project(self.clip.visual, v_feat)
-        t_feat = self.text_map(self.tes(clip_emb))
+        tes = self.tes if self.shared_trunk else self.ref_tes
+        t_feat = self.text_map(tes(clip_emb))
         text_head = self.text_head if self.text_head is not None else self.head
         v_proj, v_logits = self.head(v_feat)
         t_proj, t_logits = text_head(t_feat)
@@ -626,7 +639,7 @@ class GETModel(_PartlyTrainable):
     def _encode_reference(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """As ``_encode_shared``, computed like the reference: two full image-encoder passes."""
         visual = self.clip.visual
-        clip_emb = self.frozen_visual(images)
+        clip_emb = self.ref_image_clip.encode_image(images)
         tokens = visual_trunk(visual, images, 0)
         return visual_tail(visual.transformer.resblocks, visual.ln_post, tokens), clip_emb
 

@@ -323,8 +323,9 @@ def test_get_model_gradients_flow_only_into_trainable_parts(tokenizer, grad_from
     for part in (net.text_map, net.head):
         assert all(p.grad.abs().sum() > 0 for p in part.parameters())
     assert all(p.grad is None for p in tes.parameters())
-    frozen = net.frozen_tail if shared_trunk else net.frozen_visual
-    assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+    frozen = [net.frozen_tail] if shared_trunk else [net.ref_image_clip, net.ref_text_clip]
+    for part in frozen:
+        assert all(p.grad is None and not p.requires_grad for p in part.parameters())
     with_grad = {id(p) for p in net.parameters() if p.grad is not None}
     assert with_grad == {id(p) for p in net.trainable_parameters()}
 

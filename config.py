@@ -1,0 +1,108 @@
+"""Where datasets and run outputs live.
+
+Every path has a default relative to this repository and can be moved with an
+environment variable; all of them share the prefix ``GET_``:
+
+==================  =============================  ==========================
+variable            used by                        default
+==================  =============================  ==========================
+GET_CIFAR10_ROOT    cifar10                        ./datasets/cifar10
+GET_CIFAR100_ROOT   cifar100                       ./datasets/cifar100
+GET_IMAGENET_ROOT   imagenet_100 and imagenet_1k   ./datasets/imagenet
+GET_CUB_ROOT        cub                            ./datasets/cub
+GET_SCARS_ROOT      scars                          ./datasets/stanford_cars
+GET_AIRCRAFT_ROOT   aircraft                       ./datasets/fgvc-aircraft-2013b
+GET_HERB19_ROOT     herbarium_19                   ./datasets/herbarium_19
+GET_OUTPUT_ROOT     run folders                    ./outputs
+==================  =============================  ==========================
+
+Precedence: an explicit argument (``--data_root`` / ``--output_root``) beats
+the environment variable, which beats the default. Relative paths given by
+argument or variable are taken relative to the current working directory.
+The ``digits`` demo is built into scikit-learn and has no root.
+
+Example::
+
+    GET_CUB_ROOT=/data/cub python train.py --dataset_name cub
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+ENV_PREFIX = "GET_"
+
+DATASET_NAMES: tuple[str, ...] = (
+    "cifar10",
+    "cifar100",
+    "imagenet_100",
+    "imagenet_1k",
+    "cub",
+    "scars",
+    "aircraft",
+    "herbarium_19",
+    "digits",
+)
+
+# Datasets that are generated in memory and therefore read nothing from disk.
+BUILTIN_DATASETS: tuple[str, ...] = ("digits",)
+
+# dataset name -> (environment variable suffix, default folder under ./datasets).
+# Both ImageNet variants read the same ImageNet-1k folder.
+_ROOTS: dict[str, tuple[str, str]] = {
+    "cifar10": ("CIFAR10", "cifar10"),
+    "cifar100": ("CIFAR100", "cifar100"),
+    "imagenet_100": ("IMAGENET", "imagenet"),
+    "imagenet_1k": ("IMAGENET", "imagenet"),
+    "cub": ("CUB", "cub"),
+    "scars": ("SCARS", "stanford_cars"),
+    "aircraft": ("AIRCRAFT", "fgvc-aircraft-2013b"),
+    "herbarium_19": ("HERB19", "herbarium_19"),
+}
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise ValueError naming the valid choices if ``name`` is not a known dataset."""
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)} "
+            "(set it with --dataset_name)."
+        )
+
+
+def _root_entry(name: str) -> tuple[str, str]:
+    """(env suffix, default folder) of a dataset that lives on disk; ValueError otherwise."""
+    check_dataset_name(name)
+    if name in BUILTIN_DATASETS:
+        raise ValueError(
+            f"Dataset {name!r} is built into scikit-learn and has no root folder; "
+            "--data_root is ignored for it."
+        )
+    return _ROOTS[name]
+
+
+def root_env_var(name: str) -> str:
+    """Name of the environment variable that sets the root of dataset ``name``."""
+    return f"{ENV_PREFIX}{_root_entry(name)[0]}_ROOT"
+
+
+def _from_env(variable: str) -> Path | None:
+    """The path in environment variable ``variable``, or None when unset or empty."""
+    value = os.environ.get(variable, "").strip()
+    return Path(value).expanduser() if value else None
+
+
+def dataset_root(name: str, override: str | os.PathLike | None = None) -> Path:
+    """Root folder of dataset ``name``: ``override``, else its ``GET_*_ROOT``, else ./datasets/<dir>."""
+    _, folder = _root_entry(name)
+    if override is not None and str(override) != "":
+        return Path(override).expanduser()
+    return _from_env(root_env_var(name)) or REPO_ROOT / "datasets" / folder
+
+
+def output_root(override: str | os.PathLike | None = None) -> Path:
+    """Folder that holds run folders: ``override``, else ``GET_OUTPUT_ROOT``, else ./outputs."""
+    if override is not None and str(override) != "":
+        return Path(override).expanduser()
+    return _from_env(f"{ENV_PREFIX}OUTPUT_ROOT") or REPO_ROOT / "outputs"

@@ -1,0 +1,1 @@
+"""Datasets, class splits and transforms for GCD (entry point: data.get_datasets)."""

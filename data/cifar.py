@@ -1,0 +1,122 @@
+"""CIFAR-10 and CIFAR-100 in torchvision's "python version" batch layout.
+
+Root layout (what ``torchvision.datasets.CIFAR10/100(root, download=True)``
+leaves behind)::
+
+    <root>/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+    <root>/cifar-100-python/{train, test, meta}
+
+Each batch is a pickle with ``data`` (uint8 [N, 3072], channel-major 32x32)
+and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100); the names come from
+``label_names`` / ``fine_label_names`` of the meta file, underscores replaced
+by spaces (``aquarium_fish`` -> ``aquarium fish``) for the text prompts.
+Splits (GET_SPEC.md section 1): CIFAR-10 old = 0-4, CIFAR-100 old = 0-79.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torchvision
+
+from data.data_utils import DatasetSource, RawSplit, dataset_not_found, require_paths
+
+
+@dataclass(frozen=True)
+class _Format:
+    """Files and keys of one CIFAR variant."""
+
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str
+    name_key: str
+    num_classes: int
+    num_old: int
+
+
+_FORMATS = {
+    "cifar10": _Format(
+        "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+        "batches.meta", "labels", "label_names", 10, 5,
+    ),
+    "cifar100": _Format("cifar-100-python", ("train",), ("test",), "meta", "fine_labels", "fine_label_names", 100, 80),
+}
+
+
+def _layout(name: str) -> str:
+    """Expected tree under the root, for error messages."""
+    fmt = _FORMATS[name]
+    files = ", ".join(fmt.train_files + fmt.test_files + (fmt.meta_file,))
+    return f"  {fmt.folder}/\n    {files}\n(or pass --download to fetch it with torchvision)"
+
+
+def _read_pickle(path: Path) -> dict:
+    # The batches were written by Python 2; latin1 keeps the uint8 buffers intact.
+    with open(path, "rb") as handle:
+        return pickle.load(handle, encoding="latin1")
+
+
+def _load_split(name: str, root: Path | None, train: bool) -> RawSplit:
+    """Read the train (50k) or test (10k) images: uint8 [N, 32, 32, 3] and labels [N]."""
+    fmt = _FORMATS[name]
+    files = fmt.train_files if train else fmt.test_files
+    require_paths(name, root, [f"{fmt.folder}/{f}" for f in files], _layout(name))
+    images, targets = [], []
+    for file_name in files:
+        entry = _read_pickle(root / fmt.folder / file_name)
+        if "data" not in entry or fmt.label_key not in entry:
+            raise dataset_not_found(
+                name, root, f"{root / fmt.folder / file_name} has no 'data' / '{fmt.label_key}' entry.",
+                _layout(name),
+            )
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        targets.extend(entry[fmt.label_key])
+    pixels = np.concatenate(images).transpose(0, 2, 3, 1)
+    return RawSplit(name, np.ascontiguousarray(pixels), np.asarray(targets, dtype=np.int64))
+
+
+def _class_names(name: str, root: Path | None) -> list[str]:
+    """Class names from the meta file, indexed by class id."""
+    fmt = _FORMATS[name]
+    meta_path = root / fmt.folder / fmt.meta_file
+    require_paths(name, root, [f"{fmt.folder}/{fmt.meta_file}"], _layout(name))
+    names = _read_pickle(meta_path).get(fmt.name_key, [])
+    if len(names) != fmt.num_classes:
+        raise dataset_not_found(
+            name, root, f"{meta_path} should list {fmt.num_classes} '{fmt.name_key}', found {len(names)}.",
+            _layout(name),
+        )
+    return [n.replace("_", " ") for n in names]
+
+
+def _class_splits(name: str) -> tuple[list[int], list[int]]:
+    """Old = the first K_old class ids, new = the rest."""
+    fmt = _FORMATS[name]
+    return list(range(fmt.num_old)), list(range(fmt.num_old, fmt.num_classes))
+
+
+def _download(name: str, root: Path) -> None:
+    """Fetch the dataset with torchvision (opt-in: needs internet)."""
+    dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    for train in (True, False):
+        dataset_class(root=str(root), train=train, download=True)
+
+
+def _source(name: str) -> DatasetSource:
+    """The DatasetSource of cifar10 or cifar100."""
+    return DatasetSource(
+        name=name,
+        layout=_layout(name),
+        class_splits=lambda: _class_splits(name),
+        load_split=lambda root, train: _load_split(name, root, train),
+        class_names=lambda root: _class_names(name, root),
+        download=lambda root: _download(name, root),
+    )
+
+
+CIFAR10 = _source("cifar10")
+CIFAR100 = _source("cifar100")

@@ -1,0 +1,244 @@
+"""Building blocks shared by every dataset module.
+
+- ``load_image``: the single place where an image file is opened.
+- ``DatasetNotFoundError``: the one error raised for a missing or incomplete
+  dataset root; its message names the dataset, the path tried, the layout
+  expected and the ``GET_*_ROOT`` variable / ``--data_root`` flag.
+- ``RawSplit`` / ``GCDDataset``: a dataset split as read from disk (images and
+  ORIGINAL class ids) and a view of some of its samples with REMAPPED targets.
+- ``MergedDataset`` and the weighted sampler used for GCD training batches
+  (GET_SPEC.md section 1).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, WeightedRandomSampler
+
+import config
+
+SPLITS_DIR = Path(__file__).resolve().parent / "ssb_splits"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset root is missing, incomplete or not laid out as expected."""
+
+
+class ImageLoadError(OSError):
+    """An image file of a dataset is missing or cannot be decoded."""
+
+
+def load_image(path: str | Path, dataset_name: str) -> Image.Image:
+    """Open one image file as an RGB PIL image.
+
+    Raises ImageLoadError naming the file and the dataset when the file is
+    missing or corrupt, so a bad file deep inside a long run is easy to find.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(
+            f"Cannot read image {path} of dataset {dataset_name!r} ({error}). "
+            "Replace the file or re-extract the dataset."
+        ) from error
+
+
+def dataset_not_found(dataset_name: str, root: Path, problem: str, layout: str) -> DatasetNotFoundError:
+    """Build the error for a bad root of ``dataset_name``.
+
+    ``problem`` says what is wrong (e.g. which file is missing), ``layout`` is
+    a short tree of what is expected under the root.
+    """
+    return DatasetNotFoundError(
+        f"Dataset {dataset_name!r}: {problem}\n"
+        f"Dataset root tried: {root}\n"
+        f"Expected layout under the root:\n{layout.rstrip()}\n"
+        f"Point to the folder with --data_root or the environment variable "
+        f"{config.root_env_var(dataset_name)}."
+    )
+
+
+def require_paths(dataset_name: str, root: Path, relative_paths: Sequence[str], layout: str) -> None:
+    """Raise DatasetNotFoundError unless ``root`` and every ``root/relative`` path exist."""
+    if not root.is_dir():
+        raise dataset_not_found(dataset_name, root, f"the folder {root} does not exist.", layout)
+    for relative in relative_paths:
+        if not (root / relative).exists():
+            raise dataset_not_found(
+                dataset_name, root, f"missing {root / relative} (the root is incomplete).", layout
+            )
+
+
+def read_json_split(file_name: str) -> dict[str, Any]:
+    """Load one of the class-split lists shipped in data/ssb_splits/."""
+    with open(SPLITS_DIR / file_name, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def ssb_class_splits(file_name: str) -> tuple[list[int], list[int]]:
+    """SSB split: old = ``known_classes``; new = Hard + Medium + Easy, in that order."""
+    info = read_json_split(file_name)
+    unknown = info["unknown_classes"]
+    return list(info["known_classes"]), unknown["Hard"] + unknown["Medium"] + unknown["Easy"]
+
+
+@dataclass
+class RawSplit:
+    """One split of a dataset as stored: images and their ORIGINAL class ids.
+
+    images: a list of file paths (opened lazily through ``load_image``), or a
+        uint8 array [N, H, W, 3] of images held in memory (CIFAR, digits).
+    targets: int64 array [N] of original class ids, in dataset order.
+    """
+
+    dataset_name: str
+    images: Sequence[str] | np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, index: int) -> Image.Image:
+        """Return image ``index`` as an RGB PIL image."""
+        if isinstance(self.images, np.ndarray):
+            return Image.fromarray(self.images[index])
+        return load_image(self.images[index], self.dataset_name)
+
+    def subset(self, keep: np.ndarray) -> "RawSplit":
+        """The samples at positions ``keep`` (int array), in that order."""
+        if isinstance(self.images, np.ndarray):
+            images: Sequence[str] | np.ndarray = self.images[keep]
+        else:
+            images = [self.images[i] for i in keep]
+        return RawSplit(self.dataset_name, images, self.targets[keep])
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """How to read one dataset.
+
+    layout: the expected tree under the root, shown in errors.
+    class_splits(): (old class ids, new class ids), ORIGINAL ids in split order.
+    load_split(root, train): the train or test RawSplit; root is None for
+        built-in datasets.
+    class_names(root): names indexed by ORIGINAL class id.
+    download(root): optional opt-in download (CIFAR only).
+    """
+
+    name: str
+    layout: str
+    class_splits: Callable[[], tuple[list[int], list[int]]]
+    load_split: Callable[[Path | None, bool], RawSplit]
+    class_names: Callable[[Path | None], list[str]]
+    download: Callable[[Path], None] | None = None
+
+
+def remap_targets(targets: np.ndarray, target_map: dict[int, int]) -> np.ndarray:
+    """Map original class ids (int array [N]) to remapped ids, int64 [N].
+
+    A lookup table keeps this vectorised (ImageNet-1k has 1.28M targets).
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    size = max(max(target_map, default=0), int(targets.max(initial=0))) + 1
+    table = np.full(size, -1, dtype=np.int64)
+    table[list(target_map)] = list(target_map.values())
+    remapped = table[targets]
+    if (remapped < 0).any():
+        missing = sorted(set(targets[remapped < 0].tolist()))
+        raise ValueError(f"Class ids {missing[:10]} are in neither the old nor the new class list.")
+    return remapped
+
+
+class GCDDataset(Dataset):
+    """Some samples of a RawSplit with remapped targets.
+
+    Item: ``(transform(image), target, uq_idx)`` with target the REMAPPED class
+    (old classes 0..K_old-1, then new) and uq_idx the sample's position in the
+    split it comes from (unique within the training set).
+
+    Attributes: ``targets`` int64 [N] remapped, ``uq_idxs`` int64 [N],
+    ``transform`` (may be replaced, e.g. by a TwoViews).
+    """
+
+    def __init__(
+        self,
+        raw: RawSplit,
+        indices: np.ndarray,
+        target_map: dict[int, int],
+        transform: Callable | None,
+    ) -> None:
+        self.raw = raw
+        self.uq_idxs = np.asarray(indices, dtype=np.int64)
+        self.targets = remap_targets(raw.targets[self.uq_idxs], target_map)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.uq_idxs)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image = self.raw.image(int(self.uq_idxs[index]))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index]), int(self.uq_idxs[index])
+
+
+class MergedDataset(Dataset):
+    """Labelled samples followed by unlabelled ones.
+
+    Item: ``(views, target, uq_idx, is_labelled)``; ``is_labelled`` is a Python
+    bool, which the default collate turns into a torch.bool tensor [B].
+    """
+
+    def __init__(self, labelled_dataset: Dataset, unlabelled_dataset: Dataset) -> None:
+        self.labelled_dataset = labelled_dataset
+        self.unlabelled_dataset = unlabelled_dataset
+
+    @property
+    def n_labelled(self) -> int:
+        """Number of labelled samples (they come first)."""
+        return len(self.labelled_dataset)
+
+    @property
+    def n_unlabelled(self) -> int:
+        """Number of unlabelled samples (they come after the labelled ones)."""
+        return len(self.unlabelled_dataset)
+
+    def __len__(self) -> int:
+        return self.n_labelled + self.n_unlabelled
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int, bool]:
+        if index < self.n_labelled:
+            views, target, uq_idx = self.labelled_dataset[index]
+            return views, target, uq_idx, True
+        views, target, uq_idx = self.unlabelled_dataset[index - self.n_labelled]
+        return views, target, uq_idx, False
+
+
+def train_sample_weights(merged: MergedDataset) -> torch.Tensor:
+    """Sampling weights, float64 [len(merged)]: 1 per labelled sample, n_l/n_u per unlabelled one.
+
+    This balances labelled and unlabelled samples in expectation (spec section 1).
+    """
+    n_labelled, n_unlabelled = merged.n_labelled, merged.n_unlabelled
+    if n_labelled == 0 or n_unlabelled == 0:
+        raise ValueError(
+            f"GCD training needs labelled and unlabelled samples, got {n_labelled} labelled and "
+            f"{n_unlabelled} unlabelled; check --prop_train_labels and that the dataset root "
+            "holds images of both old and new classes."
+        )
+    weights = torch.full((n_labelled + n_unlabelled,), n_labelled / n_unlabelled, dtype=torch.float64)
+    weights[:n_labelled] = 1.0
+    return weights
+
+
+def make_train_sampler(merged: MergedDataset, generator: torch.Generator | None = None) -> WeightedRandomSampler:
+    """WeightedRandomSampler over ``merged`` drawing len(merged) samples with replacement."""
+    weights = train_sample_weights(merged)
+    return WeightedRandomSampler(weights, num_samples=len(merged), replacement=True, generator=generator)

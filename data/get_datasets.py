@@ -1,0 +1,180 @@
+"""The community data API of GCD codebases (GCD, SimGCD, GET).
+
+Typical use (train.py)::
+
+    args.dataset_name = "cub"
+    get_class_splits(args)            # sets train_classes, unlabeled_classes, num_*
+    train_t, test_t = get_transforms()
+    train_set, test_set, unlabelled_eval_set, parts = get_datasets(
+        args.dataset_name, TwoViews(train_t), test_t, args)
+    names = get_class_names(args)     # names[t] for remapped target t
+    old = is_old_target(targets, args.num_labeled_classes)
+
+Protocol (GET_SPEC.md section 1): targets are remapped to old classes
+0..K_old-1 in split-list order, then the new classes in theirs. The labelled
+set is drawn with the legacy NumPy RNG seeded with 0 over the old-class
+training images in dataset order (``np.random.choice(range(n), int(prop*n),
+replace=False)``); every other training image is unlabelled.
+
+A dataset root holding only some classes (e.g. a test fixture) works: the
+class splits and K always describe the full dataset, classes without images
+are simply absent from every split, and the draw runs over the old-class
+images present, so on the full data it is exactly the reference draw.
+uq_idx = position of a sample in the training set (samples of the K classes
+in dataset order); test samples are numbered within the test split.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import config
+from data.aircraft import AIRCRAFT
+from data.cifar import CIFAR10, CIFAR100
+from data.cub import CUB
+from data.data_utils import DatasetSource, GCDDataset, MergedDataset, RawSplit, dataset_not_found
+from data.digits import DIGITS
+from data.herbarium_19 import HERBARIUM_19
+from data.imagenet import IMAGENET_100, IMAGENET_1K
+from data.scars import SCARS
+
+SOURCES: dict[str, DatasetSource] = {
+    source.name: source
+    for source in (CIFAR10, CIFAR100, IMAGENET_100, IMAGENET_1K, CUB, SCARS, AIRCRAFT, HERBARIUM_19, DIGITS)
+}
+
+
+def get_source(dataset_name: str) -> DatasetSource:
+    """The reader of ``dataset_name``; ValueError listing the valid names otherwise."""
+    config.check_dataset_name(dataset_name)
+    return SOURCES[dataset_name]
+
+
+def get_class_splits(args: Namespace) -> Namespace:
+    """Set the class split of ``args.dataset_name`` on ``args`` and return it.
+
+    Sets ``train_classes`` / ``unlabeled_classes`` (ORIGINAL class ids, in
+    split order), ``num_labeled_classes`` and ``num_unlabeled_classes``.
+    """
+    return _set_class_splits(args, args.dataset_name)
+
+
+def _set_class_splits(args: Namespace, dataset_name: str) -> Namespace:
+    """Write the split of ``dataset_name`` onto ``args``."""
+    old, new = get_source(dataset_name).class_splits()
+    args.train_classes, args.unlabeled_classes = old, new
+    args.num_labeled_classes, args.num_unlabeled_classes = len(old), len(new)
+    return args
+
+
+def _split_lists(dataset_name: str, args: Namespace) -> tuple[list[int], list[int]]:
+    """(old, new) original class ids: from ``args`` if set, else the dataset's split."""
+    if getattr(args, "train_classes", None) is None or getattr(args, "unlabeled_classes", None) is None:
+        _set_class_splits(args, dataset_name)
+    return [int(c) for c in args.train_classes], [int(c) for c in args.unlabeled_classes]
+
+
+def _root(dataset_name: str, args: Namespace) -> Path | None:
+    """Root folder (--data_root, else GET_*_ROOT, else default); None for built-in datasets."""
+    if dataset_name in config.BUILTIN_DATASETS:
+        return None
+    return config.dataset_root(dataset_name, getattr(args, "data_root", None))
+
+
+def draw_labelled_positions(num_old_images: int, prop_train_labels: float) -> np.ndarray:
+    """Positions (sorted int64) among the old-class images that get a label.
+
+    The same stream as the reference's ``np.random.seed(0)`` followed by
+    ``np.random.choice``, from a private RandomState so the global RNG is untouched.
+    """
+    size = int(prop_train_labels * num_old_images)
+    chosen = np.random.RandomState(0).choice(range(num_old_images), size=size, replace=False)
+    return np.sort(chosen).astype(np.int64)
+
+
+def _keep_split_classes(raw: RawSplit, classes: list[int]) -> RawSplit:
+    """The samples of ``raw`` whose class is one of ``classes``, in dataset order."""
+    return raw.subset(np.flatnonzero(np.isin(raw.targets, classes)))
+
+
+def _prop_train_labels(args: Namespace) -> float:
+    """``args.prop_train_labels`` (default 0.5), checked to lie in (0, 1]."""
+    prop = float(getattr(args, "prop_train_labels", 0.5))
+    if not 0.0 < prop <= 1.0:
+        raise ValueError(f"prop_train_labels must be in (0, 1], got {prop} (flag --prop_train_labels).")
+    return prop
+
+
+def _maybe_download(source: DatasetSource, root: Path | None, args: Namespace) -> None:
+    """Download into ``root`` when ``args.download`` is set (CIFAR only)."""
+    if not getattr(args, "download", False):
+        return
+    if source.download is None:
+        raise ValueError(
+            f"--download is only available for cifar10 and cifar100, not {source.name!r}; "
+            f"place the dataset under {root} yourself."
+        )
+    source.download(root)
+
+
+def get_datasets(
+    dataset_name: str,
+    train_transform: Callable | None,
+    test_transform: Callable | None,
+    args: Namespace,
+) -> tuple[MergedDataset, GCDDataset, GCDDataset, dict[str, GCDDataset]]:
+    """Build the GCD datasets of ``dataset_name``.
+
+    Returns ``(train_dataset, test_dataset, unlabelled_train_examples_test,
+    datasets)``: the MergedDataset (labelled ++ unlabelled, ``train_transform``,
+    which the caller usually wraps in TwoViews), the test split and the
+    unlabelled training images with ``test_transform``, and
+    ``datasets = {'train_labelled', 'train_unlabelled', 'test'}``.
+    Underlying items are ``(image, remapped target, uq_idx)``.
+    Reads ``args.data_root`` (None: config default), ``args.prop_train_labels``
+    (0.5), ``args.download`` (CIFAR only) and the class lists (set if absent).
+    """
+    source = get_source(dataset_name)
+    old, new = _split_lists(dataset_name, args)
+    root = _root(dataset_name, args)
+    _maybe_download(source, root, args)
+    target_map = {c: i for i, c in enumerate(old + new)}
+
+    train_raw = _keep_split_classes(source.load_split(root, True), old + new)
+    test_raw = _keep_split_classes(source.load_split(root, False), old + new)
+    if len(train_raw) == 0:
+        raise dataset_not_found(
+            dataset_name, root, "no training image of any class of the split was found.", source.layout
+        )
+    old_positions = np.flatnonzero(np.isin(train_raw.targets, old))
+    labelled = old_positions[draw_labelled_positions(len(old_positions), _prop_train_labels(args))]
+    unlabelled = np.setdiff1d(np.arange(len(train_raw)), labelled)
+
+    datasets = {
+        "train_labelled": GCDDataset(train_raw, labelled, target_map, train_transform),
+        "train_unlabelled": GCDDataset(train_raw, unlabelled, target_map, train_transform),
+        "test": GCDDataset(test_raw, np.arange(len(test_raw)), target_map, test_transform),
+    }
+    train_dataset = MergedDataset(datasets["train_labelled"], datasets["train_unlabelled"])
+    unlabelled_train_examples_test = GCDDataset(train_raw, unlabelled, target_map, test_transform)
+    return train_dataset, datasets["test"], unlabelled_train_examples_test, datasets
+
+
+def get_class_names(args: Namespace) -> list[str]:
+    """Class names in remapped label order (length K): names[t] is the name of target t."""
+    source = get_source(args.dataset_name)
+    old, new = _split_lists(args.dataset_name, args)
+    names = source.class_names(_root(args.dataset_name, args))
+    return [names[c] for c in old + new]
+
+
+def is_old_target(targets: np.ndarray | torch.Tensor, num_labeled_classes: int) -> np.ndarray | torch.Tensor:
+    """Bool mask [N], True where a REMAPPED target is an old class (target < K_old).
+
+    This is the ``mask`` that ``util.cluster_and_log_utils.split_cluster_acc_v2`` expects.
+    """
+    return targets < num_labeled_classes

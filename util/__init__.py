@@ -1,0 +1,1 @@
+"""Evaluation, logging, checkpoint and distributed helpers."""

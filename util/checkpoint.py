@@ -1,0 +1,99 @@
+"""Checkpoints: atomic writes, safe loads, RNG state capture.
+
+Every checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
+with ``torch.load(weights_only=True)`` and never executes pickled code. Writes go to a
+temporary file in the same folder and are renamed into place, so a run killed at any moment
+leaves either the previous complete checkpoint or the new complete one, never a torn file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or belongs to another experiment set-up."""
+
+
+def atomic_save(obj: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, expect: Mapping[str, Any] | None = None) -> dict:
+    """Load a checkpoint safely and check that it matches the current set-up.
+
+    ``expect`` maps keys of the checkpoint's ``meta`` dict (e.g. dataset, number of classes,
+    CLIP architecture) to the values this run needs; any difference is refused with a message
+    naming the key, both values and the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(
+            f"could not read checkpoint {path} ({type(err).__name__}: {err}). "
+            "It may be truncated or not written by this project; point the flag at another file."
+        ) from err
+    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
+    for key, want in (expect or {}).items():
+        have = meta.get(key)
+        if have != want:
+            raise CheckpointError(
+                f"checkpoint {path} was made for {key}={have!r}, but this run has {key}={want!r}. "
+                "Use a checkpoint of the same dataset, class split and CLIP model."
+            )
+    return ckpt
+
+
+def rng_state() -> dict:
+    """The state of every random generator the training loop uses, as weights-only-safe data."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state((
+        "MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+        np_state["has_gauss"], np_state["cached_gaussian"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

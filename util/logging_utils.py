@@ -1,0 +1,105 @@
+"""Run folder, console/file logging, TensorBoard and ``metrics.jsonl``.
+
+Every scalar goes through :meth:`RunLogger.log_scalars`, which writes the same names to
+TensorBoard and to one JSON line, so a new loss term is logged by adding it to the loss's
+component dict and nowhere else. Only the main process writes anything.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+LOGGER_NAME = "get"
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
+    """Console logging for the main process, mirrored into ``log_file`` when given."""
+    logger = get_logger()
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if log_file is not None and is_main:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    return logger
+
+
+def environment_info(repo_dir: Path) -> dict:
+    """Git commit, dirty flag and library versions: what it takes to reproduce a run."""
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("torchvision", "open_clip", "numpy", "scipy", "sklearn"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "unknown")
+        except ImportError:
+            info[name] = "missing"
+    info["git_commit"] = _git(repo_dir, "rev-parse", "HEAD")
+    status = _git(repo_dir, "status", "--porcelain")
+    info["git_dirty"] = None if status is None else bool(status)
+    return info
+
+
+def _git(repo_dir: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=repo_dir, capture_output=True, text=True,
+                             timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+class RunLogger:
+    """TensorBoard + ``metrics.jsonl`` writer; a no-op on non-main processes."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._jsonl = run_dir / "metrics.jsonl"
+
+    def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
+        """Write each ``tag: value`` to TensorBoard at ``step``."""
+        if not self.enabled:
+            return
+        for tag, value in scalars.items():
+            self._tb.add_scalar(tag, float(value), step)
+
+    def log_epoch(self, record: Mapping[str, object]) -> None:
+        """Append one JSON line (an epoch's summary) to ``metrics.jsonl``."""
+        if not self.enabled:
+            return
+        with open(self._jsonl, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def save_json(obj: object, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,41 @@
+# Sourced by scripts/run_<dataset>.sh: run both GET stages on one dataset with train.py.
+#   run_get DATASET [train.py flags...]
+# Extra flags given to the script come last and so override the paper settings, e.g.
+#   bash scripts/run_scars.sh --epochs 1 --data_root /somewhere/stanford_cars
+# Multi-GPU: NPROC=4 bash scripts/run_imagenet1k.sh  (torchrun on this machine);
+# several machines: set NNODES, NODE_RANK and MASTER_ADDR (and MASTER_PORT) as well.
+source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+
+# Stop before any work if the dataset folder is missing, naming the folder and the fix.
+check_dataset_root() {
+    local dataset="$1"; shift
+    local root="" prev=""
+    for arg in "$@"; do
+        if [ "$prev" = "--data_root" ]; then root="$arg"; fi
+        case "$arg" in --data_root=*) root="${arg#--data_root=}" ;; esac
+        prev="$arg"
+    done
+    "$PY" - "$dataset" "$root" <<'PYEOF'
+import sys
+import config
+name, override = sys.argv[1], sys.argv[2] or None
+root = config.dataset_root(name, override)
+if not root.is_dir():
+    sys.exit(f"[{name}] dataset folder not found: {root}\n"
+             f"Put the dataset there, set {config.root_env_var(name)}=/path/to/it, or pass "
+             f"--data_root /path/to/it (see README, 'Datasets').")
+PYEOF
+}
+
+run_get() {
+    local dataset="$1"; shift
+    check_dataset_root "$dataset" "$@"
+    local nproc="${NPROC:-1}"
+    if [ "$nproc" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
+        torchrun --nproc_per_node "$nproc" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+            --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
+            train.py --dataset_name "$dataset" "$@"
+    else
+        "$PY" train.py --dataset_name "$dataset" "$@"
+    fi
+}

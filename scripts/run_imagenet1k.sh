@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# GET on ImageNet-1K (the visual branch keeps CLIP's projection: 512-d) with the paper settings (both stages, CLIP ViT-B/16, 200 + 200 epochs,
+# batch 128, lr 0.1, sup_weight 0.35, memax_weight 1). Extra arguments go to train.py.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+run_get imagenet_1k --memax_weight 1 --exp_name get "$@"

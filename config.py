@@ -16,7 +16,7 @@ GET_HERB19_ROOT     herbarium_19                   ./datasets/herbarium_19
 GET_OUTPUT_ROOT     run folders                    ./outputs
 ==================  =============================  ==========================
 
-Precedence: an explicit argument (``--data_root`` / ``--output_root``) beats
+Precedence: an explicit argument (``--data_root`` / ``--exp_root``) beats
 the environment variable, which beats the default. Relative paths given by
 argument or variable are taken relative to the current working directory.
 The ``digits`` demo is built into scikit-learn and has no root.

@@ -59,16 +59,27 @@ def register_tiny_clip() -> None:
         open_clip.add_model_config(_MODEL_CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
 
 
-def vision_depth(model_name: str) -> int:
-    """Number of transformer blocks of the image encoder of an open_clip ViT architecture.
-
-    Raises ValueError for an unknown name or a non-ViT image encoder.
-    """
+def _vision_config(model_name: str) -> dict:
     register_tiny_clip()
     cfg = open_clip.get_model_config(model_name.replace("/", "-"))
     if cfg is None:
         raise ValueError(f"unknown CLIP architecture {model_name!r} (flag --clip_model); "
                          f"known ones include ViT-B-16 and {TINY_MODEL_NAME}")
+    return cfg["vision_cfg"]
+
+
+def vision_image_size(model_name: str) -> int:
+    """Input resolution (pixels per side) of an open_clip architecture, read from its config."""
+    size = _vision_config(model_name)["image_size"]
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def vision_depth(model_name: str) -> int:
+    """Number of transformer blocks of the image encoder of an open_clip ViT architecture.
+
+    Raises ValueError for an unknown name or a non-ViT image encoder.
+    """
+    cfg = {"vision_cfg": _vision_config(model_name)}
     layers = cfg["vision_cfg"].get("layers")
     if not isinstance(layers, int) or "timm_model_name" in cfg["vision_cfg"]:
         raise ValueError(f"--clip_model {model_name!r} does not have a plain ViT image encoder; "
@@ -563,7 +574,8 @@ class GETModel(_PartlyTrainable):
 
     def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
                  num_classes: int, grad_from_block: int = 11, use_projection: bool = False,
-                 shared_head: bool = True, shared_trunk: bool = True):
+                 shared_head: bool = True, shared_trunk: bool = True,
+                 head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256):
         """
         Args:
             clip_model: the frozen CLIP from ``load_clip``; its blocks >= g become trainable.
@@ -573,6 +585,8 @@ class GETModel(_PartlyTrainable):
             use_projection: keep CLIP's visual projection in the visual branch (ImageNet-1K).
             shared_head: one head for both branches (the reference) or one per branch.
             shared_trunk: the optimised computation (see the class docstring).
+            head_hidden_dim, head_bottleneck_dim: widths of the heads' projection MLP
+                (2048 and 256 in GET; smaller only for the tiny demo model).
         """
         super().__init__()
         _check_tes_clip(clip_model, tes)
@@ -594,8 +608,9 @@ class GETModel(_PartlyTrainable):
         embed_dim = visual.output_dim
         self.feat_dim = embed_dim if use_projection else visual.transformer.width
         self.text_map = nn.Linear(embed_dim, self.feat_dim)
-        self.head = DINOHead(self.feat_dim, num_classes)
-        self.text_head = None if shared_head else DINOHead(self.feat_dim, num_classes)
+        dims = dict(hidden_dim=head_hidden_dim, bottleneck_dim=head_bottleneck_dim)
+        self.head = DINOHead(self.feat_dim, num_classes, **dims)
+        self.text_head = None if shared_head else DINOHead(self.feat_dim, num_classes, **dims)
         self.to(_device_of(clip_model))
         self.set_trainable()
         self.train()

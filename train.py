@@ -31,13 +31,14 @@ from tqdm import tqdm
 
 import config
 from data.augmentations import TwoViews, get_transforms
-from data.data_utils import train_sample_weights
+from data.data_utils import count_skipped_images, skip_bad_images, train_sample_weights
 from data.get_datasets import get_class_names, get_class_splits, get_datasets
 from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
 from model import (GETModel, TESStage, TextEmbeddingSynthesizer, class_text_embeddings,
-                   get_tokenizer, load_clip, register_tiny_clip, vision_depth)
+                   get_tokenizer, load_clip, register_tiny_clip, vision_depth,
+                   vision_image_size)
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
 from util.dist import (DistInfo, ShardSampler, WeightedEpochSampler, barrier, broadcast_flag,
@@ -48,6 +49,10 @@ REPO_DIR = Path(__file__).resolve().parent
 # Mean-entropy weight of the paper per dataset (GET_SPEC §4); 1 elsewhere.
 MEMAX_WEIGHT = {"cifar100": 4.0, "cub": 2.0}
 HEADS = ("visual", "text", "fused")
+SKIPPED_IMAGES = "skipped_images.txt"
+# Flags that shape the stage-2 model: stored in its checkpoints, adopted by --stage eval.
+ARCHITECTURE_FLAGS = ("grad_from_block", "use_projection", "shared_head", "head_hidden_dim",
+                      "head_bottleneck_dim")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -80,6 +85,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="visual branch keeps CLIP's visual projection (default: on for imagenet_1k only)")
     g.add_argument("--shared_head", action=argparse.BooleanOptionalAction, default=True,
                    help="one classification head for both branches, as the reference")
+    g.add_argument("--head_hidden_dim", type=int, default=2048, help="hidden width of the head MLP")
+    g.add_argument("--head_bottleneck_dim", type=int, default=256,
+                   help="output width of the head MLP (the contrastive features)")
     g.add_argument("--shared_trunk", action=argparse.BooleanOptionalAction, default=True,
                    help="run the frozen image encoder once per image (--no-shared_trunk: the "
                         "reference's separate full encoders, same mathematics, slower)")
@@ -119,7 +127,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="evaluation metric that selects best.pt")
 
     g = p.add_argument_group("runtime")
-    g.add_argument("--stage", default="all", choices=("tes", "get", "all"))
+    g.add_argument("--stage", default="all", choices=("tes", "get", "all", "eval"),
+                   help="'eval' evaluates the stage-2 checkpoint given by --eval_checkpoint")
+    g.add_argument("--eval_checkpoint", default=None, help="stage-2 last.pt / best.pt for --stage eval")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, off on CPU)")
@@ -165,6 +175,8 @@ def resolve_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} asked for, but CUDA is not available; use --device cpu"),
         ("{}" in args.prompt_template, "--prompt_template needs a '{}' for the class name"),
+        ((args.stage == "eval") == bool(args.eval_checkpoint),
+         "--stage eval and --eval_checkpoint PATH go together"),
     ]
     for ok, message in checks:
         if not ok:
@@ -266,6 +278,7 @@ class Trainer:
     loss_fn: Callable              # (model, images, labels, labelled, epoch) -> (loss, components)
     meta: dict
     last_path: Path
+    extra: dict = field(default_factory=dict)  # frozen state saved along (stage 2: the TES)
 
 
 def make_optimizer(params, lr: float, args: argparse.Namespace, epochs: int):
@@ -280,6 +293,7 @@ def save_state(tr: Trainer, state: LoopState, args: argparse.Namespace, path: Pa
         "model": tr.module.trainable_state_dict(),
         "optimizer": tr.optimizer.state_dict(), "scheduler": tr.scheduler.state_dict(),
         "rng": rng_state(), "args": json.loads(json.dumps(vars(args), default=str)),
+        **tr.extra,
     }, path)
 
 
@@ -371,6 +385,11 @@ def run_stage(tr: Trainer, loader: DataLoader, sampler: WeightedEpochSampler, ep
         runlog.log_scalars({f"{tr.name}/lr": lr,
                             **{f"{tr.name}/epoch_loss/{k}": v for k, v in means.items()}},
                            state.epoch - 1)
+        skip_log = tr.last_path.with_name(SKIPPED_IMAGES)
+        if args.skip_bad_images and count_skipped_images(skip_log):
+            record["skipped_images"] = count_skipped_images(skip_log)
+            log.warning("skipped %d unreadable images so far (listed in %s)",
+                        record["skipped_images"], skip_log)
         runlog.log_epoch(record)
         log.info("%s epoch %d/%d  loss %.4f  lr %.4g  (%.1fs)%s", tr.name, state.epoch, epochs,
                  means.get("total", float("nan")), lr, record["seconds"],
@@ -425,12 +444,15 @@ def evaluate(model: GETModel, loader: DataLoader, num_old: int, args, info: Dist
 
 
 # ----------------------------------------------------------------------------- data
-def build_loaders(args, info: DistInfo, image_size: int):
+def build_loaders(args, info: DistInfo, run_dir: Path):
     """Training loader (two views, weighted sampler) and the two evaluation loaders."""
     get_class_splits(args)
-    train_tf, test_tf = get_transforms(image_size=image_size, normalization=args.normalization)
+    train_tf, test_tf = get_transforms(image_size=vision_image_size(args.clip_model),
+                                       normalization=args.normalization)
     train_set, test_set, unlabelled_eval_set, _ = get_datasets(
         args.dataset_name, TwoViews(train_tf), test_tf, args)
+    if args.skip_bad_images:
+        skip_bad_images([train_set, test_set, unlabelled_eval_set], run_dir / SKIPPED_IMAGES)
     per_rank_batch = args.batch_size // info.world_size
     if per_rank_batch < 2:
         raise ValueError(f"--batch_size {args.batch_size} over {info.world_size} processes leaves "
@@ -519,15 +541,10 @@ def find_tes_checkpoint(args, run_dir: Path) -> Path:
 def train_get(args, clip, tes_path: Path, loader, sampler, unlabelled_loader, test_loader,
               run_dir: Path, info, runlog, stop) -> dict | None:
     """Stage 2: train the dual-branch model; returns the final evaluation (None if stopped)."""
-    device = torch.device(args.device)
     meta = clip_meta(args, clip)
     tes_ckpt = load_checkpoint(tes_path, expect=meta)
     get_logger().info("stage 2: TES from %s", tes_path)
-    tes = TextEmbeddingSynthesizer(clip, n_words=args.n_words)
-    tes.projector.load_state_dict(tes_ckpt["projector"])
-    model = GETModel(clip, tes, num_classes=meta["num_classes"], grad_from_block=args.grad_from_block,
-                     use_projection=args.use_projection, shared_head=args.shared_head,
-                     shared_trunk=args.shared_trunk).to(device)
+    model = build_get_model(args, clip, tes_ckpt["projector"], meta["num_classes"])
     log_parameters(model)
     optimizer, scheduler = make_optimizer([p for p in model.parameters() if p.requires_grad],
                                           args.lr, args, args.epochs)
@@ -540,10 +557,9 @@ def train_get(args, clip, tes_path: Path, loader, sampler, unlabelled_loader, te
         return get_loss(out, labels, labelled, temp, sup_weight=args.sup_weight,
                         memax_weight=args.memax_weight, cico_weight=args.cico_weight)
 
-    meta = {**meta, "grad_from_block": args.grad_from_block, "use_projection": args.use_projection,
-            "shared_head": args.shared_head}
+    meta = {**meta, **{key: getattr(args, key) for key in ARCHITECTURE_FLAGS}}
     tr = Trainer("get", wrap_ddp(forward, info, args), model, optimizer, scheduler, loss_fn,
-                 meta, run_dir / "last.pt")
+                 meta, run_dir / "last.pt", extra={"tes_projector": model.tes.projector.state_dict()})
     final = {}
 
     def end_of_epoch(state: LoopState) -> dict:
@@ -553,10 +569,7 @@ def train_get(args, clip, tes_path: Path, loader, sampler, unlabelled_loader, te
         last = state.epoch + 1 == args.epochs
         if (state.epoch + 1) % args.eval_every and not last:
             return {"teacher_temp": temp}
-        metrics = {}
-        for split, eval_loader in (("train_unlabelled", unlabelled_loader), ("test", test_loader)):
-            res = evaluate(model, eval_loader, meta["num_old"], args, info, desc=f"eval {split}")
-            metrics.update({f"{split}/{k}": v for k, v in res.items()})
+        metrics = evaluate_splits(model, unlabelled_loader, test_loader, meta["num_old"], args, info)
         runlog.log_scalars({f"eval/{k}": v for k, v in metrics.items() if "n_samples" not in k},
                            state.epoch)
         final.clear()
@@ -571,6 +584,38 @@ def train_get(args, clip, tes_path: Path, loader, sampler, unlabelled_loader, te
     if not final:  # resumed after the last epoch: evaluate the finished model once more
         final.update(end_of_epoch(LoopState(epoch=args.epochs - 1)).get("eval", {}))
     return final
+
+
+def build_get_model(args, clip, tes_projector: dict, num_classes: int) -> GETModel:
+    tes = TextEmbeddingSynthesizer(clip, n_words=args.n_words)
+    tes.projector.load_state_dict(tes_projector)
+    return GETModel(clip, tes, num_classes=num_classes, grad_from_block=args.grad_from_block,
+                    use_projection=args.use_projection, shared_head=args.shared_head,
+                    shared_trunk=args.shared_trunk, head_hidden_dim=args.head_hidden_dim,
+                    head_bottleneck_dim=args.head_bottleneck_dim).to(torch.device(args.device))
+
+
+def evaluate_splits(model, unlabelled_loader, test_loader, num_old: int, args, info) -> dict:
+    """Transductive (unlabelled training images) and inductive (test split) evaluation."""
+    metrics = {}
+    for split, eval_loader in (("train_unlabelled", unlabelled_loader), ("test", test_loader)):
+        res = evaluate(model, eval_loader, num_old, args, info, desc=f"eval {split}")
+        metrics.update({f"{split}/{k}": v for k, v in res.items()})
+    return metrics
+
+
+def evaluate_checkpoint(args, clip, unlabelled_loader, test_loader, info) -> dict:
+    """--stage eval: the metrics of a stage-2 checkpoint, whose architecture flags it carries."""
+    meta = clip_meta(args, clip)
+    ckpt = load_checkpoint(args.eval_checkpoint, expect=meta)
+    if ckpt.get("stage") != "get":
+        raise CheckpointError(f"--eval_checkpoint {args.eval_checkpoint} is not a stage-2 "
+                              "checkpoint (last.pt or best.pt of a stage-2 run)")
+    for key in ARCHITECTURE_FLAGS:
+        setattr(args, key, ckpt["meta"][key])
+    model = build_get_model(args, clip, ckpt["tes_projector"], meta["num_classes"])
+    model.load_trainable_state_dict(ckpt["model"])
+    return evaluate_splits(model, unlabelled_loader, test_loader, meta["num_old"], args, info)
 
 
 def log_parameters(model) -> None:
@@ -608,15 +653,14 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(run_dir / "log.txt", info.is_main)
     log.info("run folder: %s", run_dir)
+    # The data first: a missing dataset is reported before minutes of CLIP loading.
+    loader, sampler, unlabelled_loader, test_loader = build_loaders(args, info, run_dir)
+    class_names = get_class_names(args)
     # Seeding before CLIP is built makes the randomly initialised tiny CLIP identical in every
     # process and in resumed runs; the OpenAI weights are loaded, not drawn.
     seed_everything(args.seed)
     clip = load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
     tokenizer = get_tokenizer(args.clip_model)
-    image_size = clip.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    loader, sampler, unlabelled_loader, test_loader = build_loaders(args, info, image_size)
-    class_names = get_class_names(args)
     if info.is_main:
         save_json(vars(args), run_dir / "config.json")
         save_json(environment_info(REPO_DIR), run_dir / "environment.json")
@@ -636,6 +680,12 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
 def run_stages(args, clip, tokenizer, class_names, loader, sampler, unlabelled_loader,
                test_loader, run_dir, info, runlog, stop) -> dict:
     log = get_logger()
+    if args.stage == "eval":
+        metrics = evaluate_checkpoint(args, clip, unlabelled_loader, test_loader, info)
+        log.info("accuracy of %s (%s)%s", args.eval_checkpoint, args.eval_func, format_eval(metrics))
+        if info.is_main:
+            save_json(metrics, run_dir / "eval_metrics.json")
+        return metrics
     if args.stage == "get":
         tes_path = find_tes_checkpoint(args, run_dir)
     elif (run_dir / "tes.pt").is_file():

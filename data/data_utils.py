@@ -182,11 +182,48 @@ class GCDDataset(Dataset):
     def __len__(self) -> int:
         return len(self.uq_idxs)
 
+    # Where unreadable images are recorded when they are skipped; None: they stop the run.
+    skip_log: Path | None = None
+
     def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image = self.raw.image(int(self.uq_idxs[index]))
+        for attempt in range(len(self)):
+            position = (index + attempt) % len(self)
+            try:
+                image = self.raw.image(int(self.uq_idxs[position]))
+                break
+            except ImageLoadError as error:
+                if self.skip_log is None:
+                    raise
+                record_skipped_image(self.skip_log, error)
+        else:
+            raise ImageLoadError(f"no readable image at all in this split of {self.raw.dataset_name!r}")
         if self.transform is not None:
             image = self.transform(image)
-        return image, int(self.targets[index]), int(self.uq_idxs[index])
+        return image, int(self.targets[position]), int(self.uq_idxs[position])
+
+
+def record_skipped_image(log_path: Path, error: ImageLoadError) -> None:
+    """Append one line per skipped image. A file (not a counter) so that DataLoader worker
+    processes can all report; lines are short and written in one call, so they don't interleave."""
+    with open(log_path, "a") as f:
+        f.write(str(error).replace("\n", " ") + "\n")
+
+
+def skip_bad_images(datasets: Sequence[Dataset], log_path: Path) -> None:
+    """Let these datasets (GCDDataset, or MergedDataset of them) replace an unreadable image by
+    the next readable sample of the same split, recording it in ``log_path``."""
+    for dataset in datasets:
+        if isinstance(dataset, MergedDataset):
+            skip_bad_images([dataset.labelled_dataset, dataset.unlabelled_dataset], log_path)
+        else:
+            dataset.skip_log = log_path
+
+
+def count_skipped_images(log_path: Path) -> int:
+    """Distinct files recorded by ``record_skipped_image`` so far."""
+    if not log_path.is_file():
+        return 0
+    return len(set(log_path.read_text().splitlines()))
 
 
 class MergedDataset(Dataset):

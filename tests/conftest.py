@@ -3,7 +3,17 @@ enough for the 2-core CI machine."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def cub_root(tmp_path_factory) -> Path:
+    """A CUB dataset in its real layout: 3 old + 3 new classes, 4 training and 2 test images
+    each, so 6 labelled + 18 unlabelled training images and 12 test images."""
+    from tests.data_fixtures import make_fixture
+
+    return make_fixture("cub", tmp_path_factory.mktemp("cub"))

@@ -15,7 +15,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model
 from open_clip.transformer import QuickGELU

@@ -6,45 +6,16 @@ import json
 import os
 import re
 import signal
-from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from tests.data_fixtures import make_fixture
+from tests.helpers import run_dirs, scalar_tags, tiny_argv, trainable_weights
 from util.checkpoint import CheckpointError, atomic_save
 
 HEADS = ("visual", "text", "fused")
 SPLITS = ("train_unlabelled", "test")
-
-
-@pytest.fixture(scope="module")
-def cub_root(tmp_path_factory) -> Path:
-    # 3 old + 3 new classes, 4 training images each: 6 labelled + 18 unlabelled images.
-    return make_fixture("cub", tmp_path_factory.mktemp("cub"))
-
-
-def tiny_argv(out: Path, data_root: Path, *extra: str, exp_name: str = "t") -> list[str]:
-    return ["--dataset_name", "cub", "--data_root", str(data_root), "--clip_model", "GET-tiny",
-            "--pretrained", "none", "--device", "cpu", "--num_workers", "0", "--batch_size", "8",
-            "--tes_epochs", "1", "--epochs", "2", "--grad_from_block", "2",
-            "--exp_root", str(out), "--exp_name", exp_name, "--no-progress", *extra]
-
-
-def run_dirs(out: Path, exp_name: str = "t", dataset: str = "cub") -> list[Path]:
-    return sorted((out / dataset).glob(f"{exp_name}-*"))
-
-
-def scalar_tags(run_dir: Path) -> set[str]:
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
-
-
-def trainable_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_both_stages_leave_every_artefact(tmp_path, cub_root):

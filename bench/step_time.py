@@ -1,0 +1,229 @@
+"""Step time, throughput, FLOPs and peak memory: the optimised computation against the
+straightforward one of the reference, on the real ViT-B/16 architecture (random weights).
+
+    python bench/step_time.py                              # CPU defaults: a few minutes on 2 cores
+    python bench/step_time.py --device cuda --batch_size 128 --amp --steps 10
+
+Optimised: one frozen image-encoder pass per image in stage 1; in stage 2 and evaluation the
+frozen blocks [0, grad_from_block) run once and feed both the trainable block and a frozen
+copy of it (TES input); one CLIP in memory. Straightforward (``--no-shared_trunk`` in
+train.py): two image-encoder passes per image and the reference's three CLIP copies.
+Timings alternate A B A B after a warm-up, in one process; peak memory is measured in a
+fresh subprocess per path so that one path's models do not count against the other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from methods.get import get_loss  # noqa: E402
+from methods.tes import tes_loss  # noqa: E402
+from model import GETModel, TESStage, TextEmbeddingSynthesizer, load_clip  # noqa: E402
+
+KINDS = ("stage1", "stage2", "eval")
+PATHS = {"optimised": True, "straightforward": False}
+
+
+def get_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--clip_model", default="ViT-B-16")
+    p.add_argument("--batch_size", type=int, default=4, help="samples per step (2 views each)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per path (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--grad_from_block", type=int, default=11)
+    p.add_argument("--num_classes", type=int, default=200)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure stage-2 peak memory per path in subprocesses")
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+                   help="count FLOPs per image of each path (one extra step each)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--memory_probe", default=None, help=argparse.SUPPRESS)  # internal: 'path'
+    return p.parse_args()
+
+
+# ----------------------------------------------------------------------------- workloads
+class Workload:
+    """One path's models, optimiser and the three step functions."""
+
+    def __init__(self, clip, shared: bool, args):
+        self.args, self.device = args, torch.device(args.device)
+        tes = TextEmbeddingSynthesizer(clip)
+        self.tes_stage = TESStage(clip, tes, shared_encoder=shared)
+        self.opt1 = torch.optim.SGD(tes.projector.parameters(), lr=0.1, momentum=0.9)
+        self.get_model = GETModel(clip, tes, args.num_classes, grad_from_block=args.grad_from_block,
+                                  shared_trunk=shared)
+        self.opt2 = torch.optim.SGD(self.get_model.trainable_parameters(), lr=0.1, momentum=0.9)
+        self.class_text = torch.nn.functional.normalize(
+            torch.randn(args.num_classes // 2, clip.visual.output_dim, device=self.device), dim=-1)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp)
+
+    def step(self, kind: str, batch: dict) -> None:
+        getattr(self, kind)(batch)
+
+    def stage1(self, b: dict) -> None:
+        with self.autocast():
+            f, t = self.tes_stage(b["images"])
+            loss, _ = tes_loss(f.float(), t.float(), 100.0, b["labels"], b["labelled"], self.class_text)
+        self.opt1.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt1.step()
+
+    def stage2(self, b: dict) -> None:
+        with self.autocast():
+            out = {k: v.float() for k, v in self.get_model(b["images"]).items()}
+            loss, _ = get_loss(out, b["labels"], b["labelled"], teacher_temp=0.07)
+        self.opt2.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt2.step()
+
+    @torch.no_grad()
+    def eval(self, b: dict) -> None:
+        with self.autocast():
+            self.get_model.predict(b["images"])
+
+
+def make_batch(args, image_size: int, kind: str) -> dict:
+    g = torch.Generator().manual_seed(0)
+    n = args.batch_size if kind == "eval" else 2 * args.batch_size  # eval: one view
+    labelled = (torch.arange(args.batch_size) % 2 == 0).repeat(2)
+    labels = torch.randint(0, args.num_classes // 2, (args.batch_size,), generator=g).repeat(2)
+    return {"images": torch.randn(n, 3, image_size, image_size, generator=g).to(args.device),
+            "labels": labels.to(args.device), "labelled": labelled.to(args.device)}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def count_flops(work: Workload, kind: str, batch: dict) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        work.step(kind, batch)
+    return counter.get_total_flops() / batch["images"].shape[0]
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_memory_of_path(args, path: str) -> float:
+    """Peak memory (MiB) of stage-2 steps of one path, in a fresh process."""
+    cmd = [sys.executable, __file__, "--memory_probe", path, "--device", args.device,
+           "--clip_model", args.clip_model, "--batch_size", str(args.batch_size),
+           "--grad_from_block", str(args.grad_from_block), "--num_classes", str(args.num_classes),
+           "--amp" if args.amp else "--no-amp"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(args) -> None:
+    """Build one path and run two stage-2 steps; print the peak: CUDA max allocated, or on CPU
+    the peak resident set size above the process's size before CLIP was built."""
+    device = torch.device(args.device)
+    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clip = load_clip(args.clip_model, None, device=args.device)
+    work = Workload(clip, PATHS[args.memory_probe], args)
+    batch = make_batch(args, clip.visual.image_size[0], "stage2")
+    for _ in range(2):
+        work.step("stage2", batch)
+    sync(device)
+    if device.type == "cuda":
+        print(torch.cuda.max_memory_allocated(device) / 2**20)
+    else:
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024)
+
+
+# ----------------------------------------------------------------------------- main
+def main() -> None:
+    args = get_args()
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    clip = load_clip(args.clip_model, None, device=args.device)
+    image_size = clip.visual.image_size[0]
+    works = {name: Workload(clip, shared, args) for name, shared in PATHS.items()}
+    results = {"machine": machine(device), "args": {k: v for k, v in vars(args).items() if k != "memory_probe"}}
+    for kind in args.kinds.split(","):
+        batch = make_batch(args, image_size, kind)
+        times = {name: [] for name in PATHS}
+        for _ in range(args.warmup):
+            for name, work in works.items():
+                work.step(kind, batch)
+        for _ in range(args.steps):  # A B A B: drifts of the machine hit both paths alike
+            for name, work in works.items():
+                times[name].append(timed(lambda: work.step(kind, batch), device))
+        row = {}
+        for name in PATHS:
+            med = statistics.median(times[name])
+            row[name] = {"seconds": med, "images_per_s": batch["images"].shape[0] / med,
+                         "all_seconds": times[name]}
+            if args.flops:
+                row[name]["gflops_per_image"] = count_flops(works[name], kind, batch) / 1e9
+        row["speedup"] = row["straightforward"]["seconds"] / row["optimised"]["seconds"]
+        if args.flops:
+            row["flop_ratio"] = (row["straightforward"]["gflops_per_image"]
+                                 / row["optimised"]["gflops_per_image"])
+        results[kind] = row
+        print_row(kind, row, args.flops)
+    if args.memory:
+        del works, clip
+        mem = {name: peak_memory_of_path(args, name) for name in PATHS}
+        mem["ratio"] = mem["optimised"] / mem["straightforward"]
+        results["stage2_peak_memory_mib"] = mem
+        unit = "CUDA max allocated" if device.type == "cuda" else "peak RSS above start"
+        print(f"\nstage-2 peak memory ({unit}): optimised {mem['optimised']:.0f} MiB, "
+              f"straightforward {mem['straightforward']:.0f} MiB, ratio {mem['ratio']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_row(kind: str, row: dict, flops: bool) -> None:
+    if kind == KINDS[0] or not getattr(print_row, "header", False):
+        print(f"\n{'step':<8}{'path':<17}{'median s':>10}{'images/s':>10}"
+              + (f"{'GFLOP/img':>11}" if flops else "") + f"{'ratio':>8}")
+        print_row.header = True
+    for name in PATHS:
+        r = row[name]
+        ratio = f"{row['speedup']:.2f}x" if name == "optimised" else ""
+        print(f"{kind:<8}{name:<17}{r['seconds']:>10.3f}{r['images_per_s']:>10.1f}"
+              + (f"{r['gflops_per_image']:>11.2f}" if flops else "") + f"{ratio:>8}")
+    if flops:
+        print(f"{'':<8}{'FLOP ratio (ceiling of the speed-up)':<45}{row['flop_ratio']:.2f}x")
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()

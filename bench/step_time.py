@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from methods.get import get_loss  # noqa: E402
 from methods.tes import tes_loss  # noqa: E402
-from model import GETModel, TESStage, TextEmbeddingSynthesizer, load_clip  # noqa: E402
+from model import (GETModel, TESStage, TextEmbeddingSynthesizer, load_clip,  # noqa: E402
+                   vision_image_size)
 
 KINDS = ("stage1", "stage2", "eval")
 PATHS = {"optimised": True, "straightforward": False}
@@ -41,7 +41,7 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--clip_model", default="ViT-B-16")
     p.add_argument("--batch_size", type=int, default=4, help="samples per step (2 views each)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per path (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--grad_from_block", type=int, default=11)
     p.add_argument("--num_classes", type=int, default=200)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
@@ -57,16 +57,23 @@ def get_args() -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- workloads
 class Workload:
-    """One path's models, optimiser and the three step functions."""
+    """One path's model and optimiser for one stage, and its step functions.
 
-    def __init__(self, clip, shared: bool, args):
+    Stage 1 gets a CLIP of its own: building the stage-2 model makes the last block trainable,
+    which would give stage 1's straightforward path gradients it never has in train.py.
+    """
+
+    def __init__(self, clip, stage: int, shared: bool, args):
         self.args, self.device = args, torch.device(args.device)
         tes = TextEmbeddingSynthesizer(clip)
-        self.tes_stage = TESStage(clip, tes, shared_encoder=shared)
-        self.opt1 = torch.optim.SGD(tes.projector.parameters(), lr=0.1, momentum=0.9)
-        self.get_model = GETModel(clip, tes, args.num_classes, grad_from_block=args.grad_from_block,
+        if stage == 1:
+            self.model = TESStage(clip, tes, shared_encoder=shared)
+            params = tes.projector.parameters()
+        else:
+            self.model = GETModel(clip, tes, args.num_classes, grad_from_block=args.grad_from_block,
                                   shared_trunk=shared)
-        self.opt2 = torch.optim.SGD(self.get_model.trainable_parameters(), lr=0.1, momentum=0.9)
+            params = self.model.trainable_parameters()
+        self.optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
         self.class_text = torch.nn.functional.normalize(
             torch.randn(args.num_classes // 2, clip.visual.output_dim, device=self.device), dim=-1)
 
@@ -78,24 +85,33 @@ class Workload:
 
     def stage1(self, b: dict) -> None:
         with self.autocast():
-            f, t = self.tes_stage(b["images"])
+            f, t = self.model(b["images"])
             loss, _ = tes_loss(f.float(), t.float(), 100.0, b["labels"], b["labelled"], self.class_text)
-        self.opt1.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt1.step()
+        self.update(loss)
 
     def stage2(self, b: dict) -> None:
         with self.autocast():
-            out = {k: v.float() for k, v in self.get_model(b["images"]).items()}
+            out = {k: v.float() for k, v in self.model(b["images"]).items()}
             loss, _ = get_loss(out, b["labels"], b["labelled"], teacher_temp=0.07)
-        self.opt2.zero_grad(set_to_none=True)
+        self.update(loss)
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt2.step()
+        self.optimizer.step()
 
     @torch.no_grad()
     def eval(self, b: dict) -> None:
+        self.model.eval()
         with self.autocast():
-            self.get_model.predict(b["images"])
+            self.model.predict(b["images"])
+        self.model.train()
+
+
+def build_workloads(args, stage: int) -> dict[str, Workload]:
+    torch.manual_seed(0)
+    clip = load_clip(args.clip_model, None, device=args.device)
+    return {name: Workload(clip, stage, shared, args) for name, shared in PATHS.items()}
 
 
 def make_batch(args, image_size: int, kind: str) -> dict:
@@ -142,19 +158,28 @@ def memory_probe(args) -> None:
     """Build one path and run two stage-2 steps; print the peak: CUDA max allocated, or on CPU
     the peak resident set size above the process's size before CLIP was built."""
     device = torch.device(args.device)
-    base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kib = proc_status_kib("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clip = load_clip(args.clip_model, None, device=args.device)
-    work = Workload(clip, PATHS[args.memory_probe], args)
-    batch = make_batch(args, clip.visual.image_size[0], "stage2")
+    work = Workload(clip, 2, PATHS[args.memory_probe], args)
+    batch = make_batch(args, vision_image_size(args.clip_model), "stage2")
     for _ in range(2):
         work.step("stage2", batch)
     sync(device)
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated(device) / 2**20)
     else:
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024)
+        print((proc_status_kib("VmHWM") - base_kib) / 1024)
+
+
+def proc_status_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process in KiB. Not ru_maxrss: on Linux that keeps
+    the parent's peak across fork + exec, which would hide the child's own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status (CPU memory is measured on Linux only)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -164,12 +189,14 @@ def main() -> None:
         memory_probe(args)
         return
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    clip = load_clip(args.clip_model, None, device=args.device)
-    image_size = clip.visual.image_size[0]
-    works = {name: Workload(clip, shared, args) for name, shared in PATHS.items()}
+    image_size = vision_image_size(args.clip_model)
     results = {"machine": machine(device), "args": {k: v for k, v in vars(args).items() if k != "memory_probe"}}
+    works, works_stage = None, None
     for kind in args.kinds.split(","):
+        stage = 1 if kind == "stage1" else 2
+        if works_stage != stage:
+            works, works_stage = None, stage  # free the previous stage's models first
+            works = build_workloads(args, stage)
         batch = make_batch(args, image_size, kind)
         times = {name: [] for name in PATHS}
         for _ in range(args.warmup):
@@ -192,7 +219,7 @@ def main() -> None:
         results[kind] = row
         print_row(kind, row, args.flops)
     if args.memory:
-        del works, clip
+        del works
         mem = {name: peak_memory_of_path(args, name) for name in PATHS}
         mem["ratio"] = mem["optimised"] / mem["straightforward"]
         results["stage2_peak_memory_mib"] = mem

@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -200,17 +201,19 @@ def experiment_dir(args: argparse.Namespace) -> Path:
     return config.output_root(args.exp_root) / args.dataset_name
 
 
-def latest_run(args: argparse.Namespace, needs: str) -> Path | None:
-    """Newest run folder of ``--exp_name`` that holds the file ``needs``."""
-    runs = sorted(experiment_dir(args).glob(f"{args.exp_name}-*"))
-    found = [r for r in runs if (r / needs).is_file()]
+def latest_run(args: argparse.Namespace, *needs: str) -> Path | None:
+    """Newest run folder of ``--exp_name`` (not of a longer name that starts with it) that
+    holds one of the files ``needs``."""
+    pattern = re.compile(re.escape(args.exp_name) + r"-\d{8}-\d{6}-\d{6}")
+    runs = sorted(r for r in experiment_dir(args).glob(f"{args.exp_name}-*") if pattern.fullmatch(r.name))
+    found = [r for r in runs if any((r / name).is_file() for name in needs)]
     return found[-1] if found else None
 
 
 def choose_run_dir(args: argparse.Namespace, info: DistInfo) -> Path:
     """A new timestamped folder, or the folder of the run being resumed."""
     if args.resume == "auto":
-        run = latest_run(args, "last.pt") or latest_run(args, "tes_last.pt")
+        run = latest_run(args, "last.pt", "tes_last.pt")
         if run is not None:
             return run
         args.resume = None  # nothing to resume yet: a fresh run, reported in the log
@@ -544,6 +547,9 @@ def train_get(args, clip, tes_path: Path, loader, sampler, unlabelled_loader, te
     meta = clip_meta(args, clip)
     tes_ckpt = load_checkpoint(tes_path, expect=meta)
     get_logger().info("stage 2: TES from %s", tes_path)
+    if tes_path.resolve() != (run_dir / "tes.pt").resolve() and info.is_main:
+        # The run folder keeps the TES it was trained with, so a resume finds the same one.
+        atomic_save(tes_ckpt, run_dir / "tes.pt")
     model = build_get_model(args, clip, tes_ckpt["projector"], meta["num_classes"])
     log_parameters(model)
     optimizer, scheduler = make_optimizer([p for p in model.parameters() if p.requires_grad],
@@ -651,6 +657,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict:
     run_dir = choose_run_dir(args, info)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()  # the folder exists before any rank writes into it
     log = setup_logging(run_dir / "log.txt", info.is_main)
     log.info("run folder: %s", run_dir)
     # The data first: a missing dataset is reported before minutes of CLIP loading.

@@ -53,8 +53,24 @@ def test_stage_get_alone_finds_the_stage_1_checkpoint(tmp_path, cub_root):
     assert (tes_run / "tes.pt").is_file() and not (tes_run / "last.pt").exists()
     metrics = train.main(tiny_argv(tmp_path, cub_root, "--stage", "get", "--epochs", "1"))
     assert metrics["test/n_samples"] == 12
-    log = (run_dirs(tmp_path)[-1] / "log.txt").read_text()
-    assert str(tes_run / "tes.pt") in log
+    get_run = run_dirs(tmp_path)[-1]
+    assert str(tes_run / "tes.pt") in (get_run / "log.txt").read_text()
+    # The stage-2 run keeps a copy of its TES, so that resuming it cannot pick up another one.
+    copy, original = (torch.load(r / "tes.pt", weights_only=True) for r in (get_run, tes_run))
+    assert copy["meta"] == original["meta"]
+    assert all(torch.equal(copy["projector"][k], v) for k, v in original["projector"].items())
+
+
+def test_resume_auto_picks_the_newest_run_of_exactly_this_name(tmp_path):
+    args = train.get_args_parser().parse_args(["--exp_root", str(tmp_path), "--exp_name", "t"])
+    for name, ckpt in (("t-20260101-000000-000000", "last.pt"),
+                       ("t-20260102-000000-000000", "tes_last.pt"),  # newer, still in stage 1
+                       ("t-old-20260103-000000-000000", "last.pt"),  # another --exp_name
+                       ("t-20260104-000000-000000", "config.json")):  # nothing to resume
+        (tmp_path / "cub" / name).mkdir(parents=True)
+        (tmp_path / "cub" / name / ckpt).touch()
+    assert train.latest_run(args, "last.pt", "tes_last.pt").name == "t-20260102-000000-000000"
+    assert train.latest_run(args, "last.pt").name == "t-20260101-000000-000000"
 
 
 def interrupt_at_call(monkeypatch, call: int) -> None:

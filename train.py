@@ -62,7 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="GET: generalized category discovery with CLIP (stage 1 TES, stage 2 GET).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default="cub", choices=config.DATASET_NAMES)
+    g.add_argument("--dataset_name", default="cub", choices=config.DATASET_NAMES,
+                   help="benchmark dataset (digits: the built-in demo)")
     g.add_argument("--data_root", default=None,
                    help="dataset folder; default: the GET_<NAME>_ROOT variable or ./datasets/<name>")
     g.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
@@ -71,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fraction of old-class training images that are labelled")
     g.add_argument("--normalization", default="imagenet", choices=("imagenet", "clip"),
                    help="image mean/std; the reference uses ImageNet statistics")
-    g.add_argument("--num_workers", type=int, default=8)
+    g.add_argument("--num_workers", type=int, default=8, help="data-loading processes per GPU/process")
     g.add_argument("--skip_bad_images", action=argparse.BooleanOptionalAction, default=False,
                    help="replace unreadable images by another sample and count them, instead of stopping")
 
@@ -94,17 +95,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "reference's separate full encoders, same mathematics, slower)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=128)
+    g.add_argument("--batch_size", type=int, default=128,
+                   help="samples per step over all processes (two views each)")
     g.add_argument("--lr", type=float, default=0.1, help="stage-2 learning rate")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=5e-5)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (both stages)")
+    g.add_argument("--weight_decay", type=float, default=5e-5, help="SGD weight decay (both stages)")
     g.add_argument("--epochs", type=int, default=200, help="stage-2 epochs")
     g.add_argument("--max_steps_per_epoch", type=int, default=None,
                    help="cut every epoch after this many steps (quick runs)")
 
     g = p.add_argument_group("stage 1")
-    g.add_argument("--tes_epochs", type=int, default=200)
-    g.add_argument("--tes_lr", type=float, default=0.1)
+    g.add_argument("--tes_epochs", type=int, default=200, help="stage-1 epochs")
+    g.add_argument("--tes_lr", type=float, default=0.1, help="stage-1 learning rate")
     g.add_argument("--n_words", type=int, default=7, help="pseudo words per image")
     g.add_argument("--word_drop", type=float, default=0.0,
                    help="word dropout ratio in stage 1 (reference: 0, 0.5 when used)")
@@ -115,12 +117,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "of the same --exp_name)")
 
     g = p.add_argument_group("stage 2")
-    g.add_argument("--sup_weight", type=float, default=0.35)
+    g.add_argument("--sup_weight", type=float, default=0.35,
+                   help="lambda: weight of the supervised terms (1 - lambda for the unsupervised ones)")
     g.add_argument("--memax_weight", type=float, default=None,
                    help="mean-entropy weight (default: 4 cifar100, 2 cub, 1 otherwise)")
-    g.add_argument("--warmup_teacher_temp", type=float, default=0.07)
-    g.add_argument("--teacher_temp", type=float, default=0.04)
-    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30)
+    g.add_argument("--warmup_teacher_temp", type=float, default=0.07,
+                   help="teacher temperature at the first epoch")
+    g.add_argument("--teacher_temp", type=float, default=0.04,
+                   help="teacher temperature after the warm-up")
+    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30,
+                   help="epochs of the linear teacher-temperature warm-up")
     g.add_argument("--cico_weight", type=float, default=1.0, help="lambda_C of the CICO loss")
     g.add_argument("--eval_func", default="v2", choices=("v2", "v2b"),
                    help="Hungarian accuracy: v2 (sample-averaged) or v2b (class-balanced)")
@@ -136,9 +142,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the stage-2 model")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of every random generator")
     g.add_argument("--exp_root", default=None, help="output root; default GET_OUTPUT_ROOT or ./outputs")
-    g.add_argument("--exp_name", default="get")
+    g.add_argument("--exp_name", default="get", help="name of the run folders (and of --resume auto)")
     g.add_argument("--resume", default=None,
                    help="'auto' (latest run of --exp_name) or the path of a last.pt / tes_last.pt")
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N stage-2 epochs")

@@ -23,7 +23,7 @@ The ``digits`` demo is built into scikit-learn and has no root.
 
 Example::
 
-    GET_CUB_ROOT=/data/cub python train.py --dataset_name cub
+    GET_CUB_ROOT=$HOME/datasets/CUB python train.py --dataset_name cub
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """FGVC-Aircraft (2013b) at the variant level.
 
-Root layout (the extracted ``fgvc-aircraft-2013b`` folder)::
+Root layout (inside the extracted ``fgvc-aircraft-2013b`` folder)::
 
-    <root>/data/variants.txt                 one variant name per line (100)
-    <root>/data/images_variant_trainval.txt  "<image id> <variant name>"
-    <root>/data/images_variant_test.txt
-    <root>/data/images/<image id>.jpg
+    data/variants.txt                 one variant name per line (100)
+    data/images_variant_trainval.txt  "<image id> <variant name>"
+    data/images_variant_test.txt
+    data/images/<image id>.jpg
 
 Class id = index of the variant name among the 100 names sorted as strings,
 which is the reference's ``np.unique`` over the trainval names on the full

@@ -42,7 +42,7 @@ from model import (GETModel, TESStage, TextEmbeddingSynthesizer, class_text_embe
                    vision_image_size)
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
-from util.dist import (DistInfo, ShardSampler, WeightedEpochSampler, barrier, broadcast_flag,
+from util.dist import (DistInfo, ShardSampler, WeightedEpochSampler, any_rank, barrier,
                        broadcast_object, cleanup_distributed, gather_predictions, init_distributed)
 from util.logging_utils import RunLogger, environment_info, get_logger, save_json, setup_logging
 
@@ -337,9 +337,14 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, state: LoopState, args, inf
         labelled = labelled.to(device, non_blocking=True).bool().repeat(2)
         with autocast:
             loss, parts = tr.loss_fn(tr.model, images, labels, labelled, state.epoch)
-        parts = {"total": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
-        values = {k: float(v) for k, v in parts.items()}
-        if not all(math.isfinite(v) for v in values.values()):
+        parts = {"total": loss, **parts}
+        # One device-to-host copy for all terms, not one synchronisation per term.
+        values = dict(zip(parts, torch.stack([v.detach().float() for v in parts.values()]).tolist()))
+        # One collective per step tells every process whether any process saw a non-finite
+        # loss or a stop signal: all of them stop together, or one would wait for the others.
+        non_finite, stop_requested = any_rank(
+            not all(math.isfinite(v) for v in values.values()), stop.requested, device=device)
+        if non_finite:
             raise NonFiniteLossError(
                 f"non-finite loss in stage '{tr.name}' at epoch {state.epoch}, step "
                 f"{state.step_in_epoch} (global step {state.global_step}): "
@@ -355,7 +360,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, state: LoopState, args, inf
         runlog.log_scalars({f"{tr.name}/loss/{k}": v for k, v in values.items()}, state.global_step)
         bar.update(1)
         bar.set_postfix(loss=f"{values['total']:.3f}")
-        if broadcast_flag(stop.requested, device):
+        if stop_requested:  # the step is finished: now stop
             bar.close()
             return False
     bar.close()
@@ -403,9 +408,10 @@ def run_stage(tr: Trainer, loader: DataLoader, sampler: WeightedEpochSampler, ep
         log.info("%s epoch %d/%d  loss %.4f  lr %.4g  (%.1fs)%s", tr.name, state.epoch, epochs,
                  means.get("total", float("nan")), lr, record["seconds"],
                  format_eval(record.get("eval", {})))
+        if record.get("is_best"):
+            state.best = record["best_value"]
         if info.is_main:
             if record.get("is_best"):
-                state.best = record["best_value"]
                 save_state(tr, state, args, tr.last_path.with_name("best.pt"))
             save_state(tr, state, args, tr.last_path)
         barrier()

@@ -130,10 +130,10 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (used for stop requests)."""
+def any_rank(*flags: bool, device: torch.device) -> tuple[bool, ...]:
+    """Each flag, true on every rank if it is true on any rank (one all-reduce for all)."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return tuple(bool(v) for v in t.tolist())

@@ -657,6 +657,9 @@ def main(argv: list[str] | None = None) -> dict:
     register_tiny_clip()
     resolve_args(args, parser)
     info = init_distributed("cuda" if args.device.startswith("cuda") else "cpu")
+    if args.device.startswith("cuda"):
+        # TF32 for the fp32 matrix products outside autocast (the losses, the heads' norms).
+        torch.set_float32_matmul_precision("high")
     if info.enabled and args.device.startswith("cuda"):
         args.device = f"cuda:{info.local_rank}"
     try:

@@ -506,7 +506,9 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, args) -> torch.nn.Module:
     if not info.enabled:
         return module
     ids = [info.local_rank] if args.device.startswith("cuda") else None
-    return DistributedDataParallel(module, device_ids=ids)
+    # The models' buffers (attention masks, token ids, the heads' fixed norms) never change:
+    # no need to broadcast them before every forward.
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
 def train_tes(args, clip, tokenizer, class_names, loader, sampler, run_dir: Path, info,

@@ -38,7 +38,7 @@ from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
 from model import (GETModel, TESStage, TextEmbeddingSynthesizer, class_text_embeddings,
-                   get_tokenizer, load_clip, register_tiny_clip, vision_depth,
+                   format_parameter_summary, get_tokenizer, load_clip, register_tiny_clip, vision_depth,
                    vision_image_size)
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
@@ -317,6 +317,13 @@ def restore_state(tr: Trainer, path: Path) -> LoopState:
     return LoopState(**ckpt["loop"])
 
 
+def autocast_context(args):
+    """bf16 autocast for --amp (weights stay fp32), else nothing."""
+    if not args.amp:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+
+
 def train_one_epoch(tr: Trainer, loader: DataLoader, state: LoopState, args, info: DistInfo,
                     runlog: RunLogger, stop: StopSignal) -> bool:
     """Train until the epoch ends (True) or a stop was requested (False)."""
@@ -327,8 +334,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, state: LoopState, args, inf
         n_steps = min(n_steps, args.max_steps_per_epoch)
     bar = tqdm(total=n_steps, initial=state.step_in_epoch, disable=not args.progress or not info.is_main,
                desc=f"{tr.name} epoch {state.epoch}", leave=False, dynamic_ncols=True)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if args.amp else nullcontext())
+    autocast = autocast_context(args)
     for views, labels, _, labelled in loader:
         if state.step_in_epoch >= n_steps:
             break
@@ -400,10 +406,10 @@ def run_stage(tr: Trainer, loader: DataLoader, sampler: WeightedEpochSampler, ep
                             **{f"{tr.name}/epoch_loss/{k}": v for k, v in means.items()}},
                            state.epoch - 1)
         skip_log = tr.last_path.with_name(SKIPPED_IMAGES)
-        if args.skip_bad_images and count_skipped_images(skip_log):
-            record["skipped_images"] = count_skipped_images(skip_log)
-            log.warning("skipped %d unreadable images so far (listed in %s)",
-                        record["skipped_images"], skip_log)
+        skipped = count_skipped_images(skip_log) if args.skip_bad_images else 0
+        if skipped:
+            record["skipped_images"] = skipped
+            log.warning("skipped %d unreadable images so far (listed in %s)", skipped, skip_log)
         runlog.log_epoch(record)
         log.info("%s epoch %d/%d  loss %.4f  lr %.4g  (%.1fs)%s", tr.name, state.epoch, epochs,
                  means.get("total", float("nan")), lr, record["seconds"],
@@ -436,8 +442,7 @@ def evaluate(model: GETModel, loader: DataLoader, num_old: int, args, info: Dist
     device = torch.device(args.device)
     model.eval()
     local = {k: [] for k in ("index", "target", *HEADS)}
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-                if args.amp else nullcontext())
+    autocast = autocast_context(args)
     for images, targets, uq_idx in tqdm(loader, desc=desc, leave=False,
                                         disable=not args.progress or not info.is_main):
         with autocast:
@@ -566,8 +571,7 @@ def train_get(args, clip, tes_path: Path, loader, sampler, unlabelled_loader, te
         atomic_save(tes_ckpt, run_dir / "tes.pt")
     model = build_get_model(args, clip, tes_ckpt["projector"], meta["num_classes"])
     log_parameters(model)
-    optimizer, scheduler = make_optimizer([p for p in model.parameters() if p.requires_grad],
-                                          args.lr, args, args.epochs)
+    optimizer, scheduler = make_optimizer(model.trainable_parameters(), args.lr, args, args.epochs)
     forward = torch.compile(model) if args.compile else model
 
     def loss_fn(net, images, labels, labelled, epoch):
@@ -640,9 +644,7 @@ def evaluate_checkpoint(args, clip, unlabelled_loader, test_loader, info) -> dic
 
 def log_parameters(model) -> None:
     """Freezing made visible: trainable / total parameters of each part."""
-    log = get_logger()
-    for name, trainable, total in model.parameter_summary():
-        log.info("  %-28s trainable %12s / %12s", name, f"{trainable:,}", f"{total:,}")
+    get_logger().info("parameters:\n%s", format_parameter_summary(model.parameter_summary()))
 
 
 # ----------------------------------------------------------------------------- main

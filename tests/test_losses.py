@@ -279,8 +279,6 @@ def test_info_nce_matches_loop():
     assert set(parts) == {"info_nce"}
     torch.testing.assert_close(loss, expected)
     grads_match(loss, expected, z)
-    with pytest.raises(ValueError, match="n_views"):
-        info_nce(z[:-1])
 
 
 @pytest.mark.parametrize("labels", [[0, 1, 0, 2, 0, 1, 0, 2], [3, 3, 1, 2, 3, 3, 1, 0]])
@@ -396,19 +394,7 @@ def test_get_loss_without_labelled_rows_is_finite():
     assert all(torch.isfinite(x.grad).all() for x in out.values())
 
 
-def test_bad_inputs_have_clear_errors():
-    out = make_model_output(torch.Generator().manual_seed(13))
-    labels = torch.zeros(2 * B, dtype=torch.long)
-    with pytest.raises(ValueError, match="bool"):
-        get_loss(out, labels, torch.ones(2 * B), 0.07)
-    with pytest.raises(ValueError, match="both views"):
-        get_loss(out, labels[:B], torch.ones(B, dtype=torch.bool), 0.07)
-    with pytest.raises(KeyError, match="t_feat"):
-        get_loss({k: v for k, v in out.items() if k != "t_feat"}, labels,
-                 torch.ones(2 * B, dtype=torch.bool), 0.07)
-
-
-# ----------------------------------------------------------------------------- precision
+# ----------------------------------------------------------------------------- float32
 def test_float32_follows_input_dtype():
     gen, labels, mask = make_batch(14, [0, 1], [0, 1])
     out = {k: v.detach().float().requires_grad_() for k, v in make_model_output(gen).items()}
@@ -419,19 +405,15 @@ def test_float32_follows_input_dtype():
                                rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_autocast_smoke():
+def test_float32_extreme_inputs_are_finite():
+    """Logits far beyond the softmax range (probabilities underflow to 0) give no NaN."""
     gen, labels, mask = make_batch(15, [0, 2], [1, 3])
-    out = {k: v.detach().bfloat16().requires_grad_() for k, v in make_model_output(gen).items()}
-    f, t = (torch.randn(2 * B, D, generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    out = {k: (v.detach() * 1e4).float().requires_grad_()
+           for k, v in make_model_output(gen).items()}
+    f, t = (torch.randn(2 * B, D, generator=gen).mul(1e4).requires_grad_() for _ in range(2))
     class_text = torch.nn.functional.normalize(torch.randn(K, D, generator=gen), dim=1)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        stage2, parts2 = get_loss(out, labels, mask, 0.07)
-        stage1, parts1 = tes_loss(f, t, torch.tensor(100.0), labels, mask,
-                                  class_text)
-    assert stage2.dtype == torch.float32 and stage1.dtype == torch.float32
+    stage2, parts2 = get_loss(out, labels, mask, 0.04)
+    stage1, parts1 = tes_loss(f, t, 100.0, labels, mask, class_text)
     assert all(torch.isfinite(v) for v in [stage1, stage2, *parts1.values(), *parts2.values()])
     (stage1 + stage2).backward()
-    assert all(torch.isfinite(x.grad.float()).all() for x in [f, t, *out.values()])
-    # The losses run in float32: they match the float32 computation on the same bf16 values.
-    out32 = {k: v.detach().float() for k, v in out.items()}
-    torch.testing.assert_close(stage2.detach(), get_loss(out32, labels, mask, 0.07)[0])
+    assert all(torch.isfinite(x.grad).all() for x in [f, t, *out.values()])

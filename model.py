@@ -1,29 +1,38 @@
-"""CLIP backbone, Text Embedding Synthesizer (TES), DINO head and the two GET models.
+"""CLIP backbone, Text Embedding Synthesizer (TES), DINO head and the two GET stage models.
 
 Everything GET needs from CLIP lives here (GET_SPEC.md §2-§4):
 
 * ``load_clip`` builds a frozen fp32 open_clip CLIP (ViT-B/16 with OpenAI weights by default,
-  or the random-init ``GET-tiny`` architecture used by the tests and the demo);
+  or the random-init ``GET-tiny`` architecture used by the tests and the demo, registered with
+  open_clip when this module is imported);
+* ``clip_autocast`` is the one precision switch: bf16 autocast covers the CLIP encoders only;
+  the text mapping, the heads and (in the callers) the losses run in fp32;
 * ``visual_trunk`` / ``visual_tail`` / ``visual_project`` split the image encoder at
   ``grad_from_block`` so that the frozen blocks run once, without autograd;
 * ``TextEmbeddingSynthesizer`` turns a CLIP image embedding into 7 pseudo words and encodes them
   with CLIP's own frozen text transformer (stage 1 trains its projector);
-* ``DINOHead`` is the SimGCD head (MLP projection + cosine classifier with a fixed norm);
+* ``DINOHead`` is the SimGCD head (MLP projection + cosine classifier with a fixed norm),
+  ``HeadConfig`` its layout in ``GETModel``;
 * ``TESStage`` (stage 1) and ``GETModel`` (stage 2) assemble them; each has one
-  ``set_trainable`` that decides what trains and a ``parameter_summary`` for the log.
+  ``set_trainable`` that decides what trains and a ``parameter_summary`` for the log. Their
+  outputs are float32.
 
-Used by ``train.py``, e.g.::
+The reference's slower computation (three CLIP copies, two image-encoder passes per step) is
+not here: ``bench/reference.py`` keeps it as the baseline of the benchmarks and of the
+equivalence tests. Used by ``train.py``, e.g.::
 
     python train.py --dataset_name cub --stage all                     # ViT-B-16, OpenAI weights
     python train.py --dataset_name digits --clip_model GET-tiny --pretrained none   # CPU demo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -48,19 +57,22 @@ _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # CLIP loading
 # --------------------------------------------------------------------------------------------
 
-def register_tiny_clip() -> None:
+def _register_tiny_clip() -> None:
     """Register ``GET-tiny`` (``model_configs/GET-tiny.json``) with open_clip; idempotent.
 
-    A 4-block ViT (32x32 images, patch 8, width 64) and a 2-block text transformer with the real
-    CLIP vocabulary and tokenizer, embedding size 32. It has no pretrained weights: its random
-    init follows the global torch RNG, so seed torch before ``load_clip`` for identical models.
+    Called once, when this module is imported. A 4-block ViT (32x32 images, patch 8, width 64)
+    and a 2-block text transformer with the real CLIP vocabulary and tokenizer, embedding size
+    32. It has no pretrained weights: its random init follows the global torch RNG, so seed
+    torch before ``load_clip`` for identical models.
     """
     if TINY_MODEL_NAME not in open_clip.list_models():
         open_clip.add_model_config(_MODEL_CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
 
 
+_register_tiny_clip()
+
+
 def _vision_config(model_name: str) -> dict:
-    register_tiny_clip()
     cfg = open_clip.get_model_config(model_name.replace("/", "-"))
     if cfg is None:
         raise ValueError(f"unknown CLIP architecture {model_name!r} (flag --clip_model); "
@@ -89,7 +101,6 @@ def vision_depth(model_name: str) -> int:
 
 def get_tokenizer(model_name: str = "ViT-B-16") -> open_clip.tokenizer.SimpleTokenizer:
     """open_clip's tokenizer for ``model_name`` (callable: list[str] -> LongTensor [N, 77])."""
-    register_tiny_clip()
     return open_clip.get_tokenizer(model_name.replace("/", "-"))
 
 
@@ -102,19 +113,25 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | None = "openai",
         pretrained: an open_clip tag (``openai``), a local checkpoint file (an open_clip / OpenAI
             state dict, or OpenAI's TorchScript ``ViT-B-16.pt``), or None / '' for random init
             (also 'none'; seed torch first for a reproducible model).
-        device: where the model lives.
+        device: where the model lives. ``meta`` builds the architecture without allocating
+            its weights (shape checks; random init only).
         cache_dir: open_clip's download cache (flag ``--clip_cache_dir``).
 
     QuickGELU (the activation of OpenAI's CLIP) is used unless the pretrained tag says its
     weights were trained without it: local files are taken to hold OpenAI weights, as in GET.
     """
-    register_tiny_clip()
     model_name = model_name.replace("/", "-")
     vision_depth(model_name)  # clear error for unknown or non-ViT architectures
+    on_meta = torch.device(device).type == "meta"
+    if on_meta and pretrained and pretrained.lower() != "none":
+        raise ValueError("a CLIP on the meta device has no weights: use pretrained=None")
     checkpoint, quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
     jit_archive = checkpoint is not None and _is_torchscript_archive(checkpoint)
-    clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
-                                  precision="fp32", device=device, force_quick_gelu=quick_gelu)
+    # open_clip initialises on the CPU, then moves the model (the same random model for a seed
+    # on every device); a meta model must be created on the meta device from the start.
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
+                                      precision="fp32", device=device, force_quick_gelu=quick_gelu)
     if jit_archive:
         _load_torchscript_weights(clip, checkpoint)
     check_supported_clip(clip)
@@ -192,19 +209,38 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _rebind_tes(tes: "TextEmbeddingSynthesizer", clip_model: open_clip.CLIP) -> "TextEmbeddingSynthesizer":
-    """The same TES (its projector shared, not copied) encoding through another CLIP."""
-    clone = copy.copy(tes)
-    clone._modules = dict(tes._modules)
-    object.__setattr__(clone, "clip", clip_model)
-    return clone
-
-
 def _frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with requires_grad=False everywhere, in eval mode."""
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
     return clone.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+# --------------------------------------------------------------------------------------------
+
+def clip_autocast(device_type: str, enabled: bool) -> contextlib.AbstractContextManager:
+    """The one precision switch (GET_SPEC §4 "Precision"): bf16 autocast for the CLIP encoders.
+
+    The stage models run CLIP's image and text encoders (the TES included) inside
+    ``clip_autocast(device, amp)`` and the text mapping, the heads and their outputs inside
+    ``clip_autocast(device, False)``, which is true fp32 even within a caller's autocast
+    region; the losses get float32 tensors. Weights stay fp32 either way.
+
+    Args:
+        device_type: ``tensor.device.type`` of the inputs (``cuda``, ``cpu``, ...).
+        enabled: bf16 autocast on (``--amp``) or explicitly off.
+
+    Returns:
+        ``torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)``; a no-op context
+        where torch has no autocast (the meta device), which ``enabled=True`` refuses.
+    """
+    if not torch.amp.is_autocast_available(device_type):
+        if enabled:
+            raise ValueError(f"bf16 autocast is not available on device {device_type!r}")
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,12 +288,6 @@ def visual_tail(blocks: Iterable[nn.Module], ln_post: nn.Module, tokens: Tensor)
 def visual_project(visual: VisionTransformer, features: Tensor) -> Tensor:
     """CLIP's visual projection: [B, width] -> [B, embed_dim]."""
     return features @ visual.proj
-
-
-def encode_image_split(visual: VisionTransformer, images: Tensor) -> Tensor:
-    """``clip.encode_image`` written with the split functions: [B, 3, H, W] -> [B, embed_dim]."""
-    tokens = visual_trunk(visual, images, 0)
-    return visual_project(visual, visual_tail(visual.transformer.resblocks, visual.ln_post, tokens))
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,6 +437,21 @@ def class_text_embeddings(clip_model: open_clip.CLIP, tokenizer,
 # Head
 # --------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class HeadConfig:
+    """The DINO heads of ``GETModel``.
+
+    Attributes:
+        shared: one head for both branches (the reference) or one per branch.
+        hidden_dim, bottleneck_dim: widths of the head's projection MLP (2048 and 256 in GET;
+            smaller only for the tiny demo model).
+    """
+
+    shared: bool = True
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+
+
 class DINOHead(nn.Module):
     """SimGCD's head: an MLP projection for the contrastive losses and a cosine classifier.
 
@@ -529,20 +574,19 @@ def _check_tes_clip(clip_model: nn.Module, tes: TextEmbeddingSynthesizer) -> Non
 
 class TESStage(_PartlyTrainable):
     """Stage 1 (GET_SPEC §3): frozen CLIP image embedding f and the TES output t; only the TES
-    projector trains."""
+    projector trains. One frozen image-encoder pass gives both f and the TES input."""
 
     def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
-                 shared_encoder: bool = True):
+                 amp: bool = False):
         """
         Args:
-            shared_encoder: True: one frozen image-encoder pass gives both f and the TES input.
-                False (the reference): a separate frozen copy of the image encoder encodes the
-                images again for the TES (same values, twice the compute and one more copy).
+            clip_model: the frozen CLIP from ``load_clip``.
+            tes: a TES built on ``clip_model``; its projector trains.
+            amp: run the image encoder and the TES under bf16 autocast (``clip_autocast``).
         """
         super().__init__()
         _check_tes_clip(clip_model, tes)
-        self.clip, self.tes, self.shared_encoder = clip_model, tes, shared_encoder
-        self.frozen_visual = None if shared_encoder else _frozen_copy(clip_model.visual)
+        self.clip, self.tes, self.amp = clip_model, tes, amp
         self.set_trainable()
         self.train()
 
@@ -550,13 +594,13 @@ class TESStage(_PartlyTrainable):
         return {"tes": self.tes}
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """images [N, 3, H, W] -> (f [N, embed_dim] CLIP image embedding, t [N, embed_dim] TES)."""
-        if self.shared_encoder:
+        """images [N, 3, H, W] -> (f [N, embed_dim] CLIP image embedding, t [N, embed_dim] TES
+        output), both float32."""
+        with clip_autocast(images.device.type, self.amp):
             with torch.no_grad():
                 f = self.clip.encode_image(images)
-            return f, self.tes(f)
-        f = self.clip.encode_image(images)
-        return f, self.tes(self.frozen_visual(images))
+            t = self.tes(f)
+        return f.float(), t.float()
 
 
 class GETModel(_PartlyTrainable):
@@ -564,18 +608,15 @@ class GETModel(_PartlyTrainable):
     (frozen TES on the frozen CLIP image embedding, then a trainable ``text_map``), each
     followed by a DINO head (one shared head by default).
 
-    shared_trunk=True computes the frozen blocks [0, g) once per image without autograd and
-    feeds their tokens both to the trainable blocks and to a frozen copy of blocks [g, depth)
-    that yields the CLIP image embedding for the TES. shared_trunk=False is the reference
-    computation (a full frozen CLIP image-encoder copy for the TES, a full forward for the
-    visual branch, two more full CLIP copies in memory as the reference holds): same outputs
-    and gradients, about twice the image-encoder compute.
+    The frozen blocks [0, g) run once per image without autograd; their tokens feed both the
+    trainable blocks and a frozen copy of blocks [g, depth) (taken when the model is built)
+    that yields the CLIP image embedding for the TES. ``encode`` is the CLIP part (under bf16
+    autocast with ``amp``), ``forward`` adds the fp32 text mapping and heads.
     """
 
     def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
                  num_classes: int, grad_from_block: int = 11, use_projection: bool = False,
-                 shared_head: bool = True, shared_trunk: bool = True,
-                 head_hidden_dim: int = 2048, head_bottleneck_dim: int = 256):
+                 head: HeadConfig = HeadConfig(), amp: bool = False):
         """
         Args:
             clip_model: the frozen CLIP from ``load_clip``; its blocks >= g become trainable.
@@ -583,10 +624,8 @@ class GETModel(_PartlyTrainable):
             num_classes: K, the number of clusters.
             grad_from_block: g in [0, depth]; 0 trains every block, depth none.
             use_projection: keep CLIP's visual projection in the visual branch (ImageNet-1K).
-            shared_head: one head for both branches (the reference) or one per branch.
-            shared_trunk: the optimised computation (see the class docstring).
-            head_hidden_dim, head_bottleneck_dim: widths of the heads' projection MLP
-                (2048 and 256 in GET; smaller only for the tiny demo model).
+            head: shared or per-branch heads and their widths.
+            amp: run the CLIP encoders under bf16 autocast (``clip_autocast``).
         """
         super().__init__()
         _check_tes_clip(clip_model, tes)
@@ -594,23 +633,16 @@ class GETModel(_PartlyTrainable):
         depth = len(visual.transformer.resblocks)
         if not 0 <= grad_from_block <= depth:
             raise ValueError(f"--grad_from_block must be in [0, {depth}]; got {grad_from_block}")
-        self.clip, self.tes = clip_model, tes
+        self.clip, self.tes, self.amp = clip_model, tes, amp
         self.grad_from_block, self.depth = grad_from_block, depth
-        self.use_projection, self.shared_trunk = use_projection, shared_trunk
-        # Only the copies that the chosen computation needs: the frozen tail (shared trunk), or
-        # the reference's layout, where the TES owns one full CLIP to encode the images and
-        # another to encode the pseudo text (three CLIPs in memory with the visual branch's).
-        tail = visual.transformer.resblocks[grad_from_block:]
-        self.frozen_tail = _frozen_copy(tail) if shared_trunk else None
-        self.ref_image_clip = None if shared_trunk else _frozen_copy(clip_model)
-        self.ref_text_clip = None if shared_trunk else _frozen_copy(clip_model)
-        self.ref_tes = None if shared_trunk else _rebind_tes(tes, self.ref_text_clip)
+        self.use_projection = use_projection
+        self.frozen_tail = _frozen_copy(visual.transformer.resblocks[grad_from_block:])
         embed_dim = visual.output_dim
         self.feat_dim = embed_dim if use_projection else visual.transformer.width
         self.text_map = nn.Linear(embed_dim, self.feat_dim)
-        dims = dict(hidden_dim=head_hidden_dim, bottleneck_dim=head_bottleneck_dim)
+        dims = dict(hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim)
         self.head = DINOHead(self.feat_dim, num_classes, **dims)
-        self.text_head = None if shared_head else DINOHead(self.feat_dim, num_classes, **dims)
+        self.text_head = None if head.shared else DINOHead(self.feat_dim, num_classes, **dims)
         self.to(_device_of(clip_model))
         self.set_trainable()
         self.train()
@@ -624,48 +656,53 @@ class GETModel(_PartlyTrainable):
             modules["text_head"] = self.text_head
         return modules
 
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The CLIP part of the model, under bf16 autocast with ``amp``.
+
+        Args:
+            images: [N, 3, H, W].
+
+        Returns:
+            v_feat [N, feat_dim]: the trainable encoder's CLS feature after ln_post (and the
+            visual projection with ``use_projection``); tes_out [N, embed_dim]: the TES output
+            on the frozen CLIP image embedding. Both in the encoders' precision (bf16 with amp).
+        """
+        visual = self.clip.visual
+        with clip_autocast(images.device.type, self.amp):
+            with torch.no_grad():
+                tokens = visual_trunk(visual, images, self.grad_from_block)
+                clip_emb = visual_project(visual, visual_tail(self.frozen_tail, visual.ln_post,
+                                                              tokens))
+            blocks = visual.transformer.resblocks[self.grad_from_block:]
+            v_feat = visual_tail(blocks, visual.ln_post, tokens)
+            if self.use_projection:
+                v_feat = visual_project(visual, v_feat)
+            return v_feat, self.tes(clip_emb)
+
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        """images [N, 3, H, W] -> dict of 'v_feat', 't_feat' [N, feat_dim]; 'v_proj', 't_proj'
-        [N, 256] (head MLP outputs); 'v_logits', 't_logits' [N, K] (cosine logits)."""
-        if self.shared_trunk:
-            v_feat, clip_emb = self._encode_shared(images)
-        else:
-            v_feat, clip_emb = self._encode_reference(images)
-        if self.use_projection:
-            v_feat = visual_project(self.clip.visual, v_feat)
-        tes = self.tes if self.shared_trunk else self.ref_tes
-        t_feat = self.text_map(tes(clip_emb))
-        text_head = self.text_head if self.text_head is not None else self.head
-        v_proj, v_logits = self.head(v_feat)
-        t_proj, t_logits = text_head(t_feat)
+        """images [N, 3, H, W] -> dict of float32 tensors: 'v_feat', 't_feat' [N, feat_dim];
+        'v_proj', 't_proj' [N, bottleneck_dim] (head MLP outputs); 'v_logits', 't_logits'
+        [N, K] (cosine logits). The text mapping and the heads run in fp32."""
+        v_feat, tes_out = self.encode(images)
+        with clip_autocast(images.device.type, False):
+            v_feat = v_feat.float()
+            t_feat = self.text_map(tes_out.float())
+            text_head = self.text_head if self.text_head is not None else self.head
+            v_proj, v_logits = self.head(v_feat)
+            t_proj, t_logits = text_head(t_feat)
         return {"v_feat": v_feat, "t_feat": t_feat, "v_proj": v_proj, "v_logits": v_logits,
                 "t_proj": t_proj, "t_logits": t_logits}
-
-    def _encode_shared(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(CLS feature [N, width] of the trainable encoder, frozen CLIP embedding [N, embed_dim]);
-        the frozen trunk runs once, without autograd."""
-        visual = self.clip.visual
-        with torch.no_grad():
-            tokens = visual_trunk(visual, images, self.grad_from_block)
-            clip_emb = visual_project(visual, visual_tail(self.frozen_tail, visual.ln_post, tokens))
-        blocks = visual.transformer.resblocks[self.grad_from_block:]
-        return visual_tail(blocks, visual.ln_post, tokens), clip_emb
-
-    def _encode_reference(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """As ``_encode_shared``, computed like the reference: two full image-encoder passes."""
-        visual = self.clip.visual
-        clip_emb = self.ref_image_clip.encode_image(images)
-        tokens = visual_trunk(visual, images, 0)
-        return visual_tail(visual.transformer.resblocks, visual.ln_post, tokens), clip_emb
 
     @torch.no_grad()
     def predict(self, images: Tensor, fuse_temperature: float = FUSE_TEMPERATURE) -> dict[str, Tensor]:
         """Evaluation outputs: 'v_logits', 't_logits' [N, K] and 'fused_probs' [N, K], the mean
         of softmax(logits / fuse_temperature) of both heads (1 as in the reference; 0.1 is the
-        training temperature). Does not change the train/eval mode: call ``eval()`` first."""
+        training temperature); all float32. Does not change the train/eval mode: call
+        ``eval()`` first."""
         out = self(images)
-        fused = (F.softmax(out["v_logits"].float() / fuse_temperature, dim=-1)
-                 + F.softmax(out["t_logits"].float() / fuse_temperature, dim=-1)) / 2
+        with clip_autocast(images.device.type, False):
+            fused = (F.softmax(out["v_logits"] / fuse_temperature, dim=-1)
+                     + F.softmax(out["t_logits"] / fuse_temperature, dim=-1)) / 2
         return {"v_logits": out["v_logits"], "t_logits": out["t_logits"], "fused_probs": fused}
 
 

@@ -4,10 +4,12 @@ straightforward one of the reference, on the real ViT-B/16 architecture (random 
     python bench/step_time.py                              # CPU defaults: a few minutes on 2 cores
     python bench/step_time.py --device cuda --batch_size 128 --amp --steps 10
 
-Optimised: one frozen image-encoder pass per image in stage 1; in stage 2 and evaluation the
-frozen blocks [0, grad_from_block) run once and feed both the trainable block and a frozen
-copy of it (TES input); one CLIP in memory. Straightforward (``--no-shared_trunk`` in
-train.py): two image-encoder passes per image and the reference's three CLIP copies.
+Optimised (``model.py``, what train.py runs): one frozen image-encoder pass per image in
+stage 1; in stage 2 and evaluation the frozen blocks [0, grad_from_block) run once and feed both
+the trainable block and a frozen copy of it (TES input); one CLIP in memory. Straightforward
+(``bench/reference.py``, the reference's computation): two image-encoder passes per image and
+the reference's three CLIP copies. ``--amp`` is the models' own bf16 autocast of the CLIP
+encoders; heads and losses run in fp32 on both paths.
 Timings alternate A B A B after a warm-up, in one process; peak memory is measured in a
 fresh subprocess per path so that one path's models do not count against the other.
 """
@@ -26,13 +28,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.reference import ReferenceGETModel, ReferenceTESStage  # noqa: E402
 from methods.get import get_loss  # noqa: E402
 from methods.tes import tes_loss  # noqa: E402
 from model import (GETModel, TESStage, TextEmbeddingSynthesizer, load_clip,  # noqa: E402
-                   vision_image_size)
+                   vision_depth, vision_image_size)
 
 KINDS = ("stage1", "stage2", "eval")
-PATHS = {"optimised": True, "straightforward": False}
+# path -> (stage-1 model, stage-2 model)
+PATHS = {"optimised": (TESStage, GETModel), "straightforward": (ReferenceTESStage, ReferenceGETModel)}
 
 
 def get_args() -> argparse.Namespace:
@@ -42,9 +46,11 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=4, help="samples per step (2 views each)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per path (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--grad_from_block", type=int, default=11)
+    p.add_argument("--grad_from_block", type=int, default=None,
+                   help="first trainable block (default: the last one, 11 for ViT-B-16)")
     p.add_argument("--num_classes", type=int, default=200)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast of the CLIP encoders (the models' amp argument)")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure stage-2 peak memory per path in subprocesses")
@@ -52,7 +58,10 @@ def get_args() -> argparse.Namespace:
                    help="count FLOPs per image of each path (one extra step each)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--memory_probe", default=None, help=argparse.SUPPRESS)  # internal: 'path'
-    return p.parse_args()
+    args = p.parse_args()
+    if args.grad_from_block is None:
+        args.grad_from_block = vision_depth(args.clip_model) - 1
+    return args
 
 
 # ----------------------------------------------------------------------------- workloads
@@ -63,36 +72,32 @@ class Workload:
     which would give stage 1's straightforward path gradients it never has in train.py.
     """
 
-    def __init__(self, clip, stage: int, shared: bool, args):
+    def __init__(self, clip, stage: int, path: str, args):
         self.args, self.device = args, torch.device(args.device)
         tes = TextEmbeddingSynthesizer(clip)
+        stage1_model, stage2_model = PATHS[path]
         if stage == 1:
-            self.model = TESStage(clip, tes, shared_encoder=shared)
+            self.model = stage1_model(clip, tes, amp=args.amp)
             params = tes.projector.parameters()
         else:
-            self.model = GETModel(clip, tes, args.num_classes, grad_from_block=args.grad_from_block,
-                                  shared_trunk=shared)
+            self.model = stage2_model(clip, tes, args.num_classes,
+                                      grad_from_block=args.grad_from_block, amp=args.amp)
             params = self.model.trainable_parameters()
         self.optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
         self.class_text = torch.nn.functional.normalize(
             torch.randn(args.num_classes // 2, clip.visual.output_dim, device=self.device), dim=-1)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp)
-
     def step(self, kind: str, batch: dict) -> None:
         getattr(self, kind)(batch)
 
     def stage1(self, b: dict) -> None:
-        with self.autocast():
-            f, t = self.model(b["images"])
-            loss, _ = tes_loss(f.float(), t.float(), 100.0, b["labels"], b["labelled"], self.class_text)
+        f, t = self.model(b["images"])  # float32
+        loss, _ = tes_loss(f, t, 100.0, b["labels"], b["labelled"], self.class_text)
         self.update(loss)
 
     def stage2(self, b: dict) -> None:
-        with self.autocast():
-            out = {k: v.float() for k, v in self.model(b["images"]).items()}
-            loss, _ = get_loss(out, b["labels"], b["labelled"], teacher_temp=0.07)
+        out = self.model(b["images"])  # float32
+        loss, _ = get_loss(out, b["labels"], b["labelled"], teacher_temp=0.07)
         self.update(loss)
 
     def update(self, loss: torch.Tensor) -> None:
@@ -103,15 +108,14 @@ class Workload:
     @torch.no_grad()
     def eval(self, b: dict) -> None:
         self.model.eval()
-        with self.autocast():
-            self.model.predict(b["images"])
+        self.model.predict(b["images"])
         self.model.train()
 
 
 def build_workloads(args, stage: int) -> dict[str, Workload]:
     torch.manual_seed(0)
     clip = load_clip(args.clip_model, None, device=args.device)
-    return {name: Workload(clip, stage, shared, args) for name, shared in PATHS.items()}
+    return {path: Workload(clip, stage, path, args) for path in PATHS}
 
 
 def make_batch(args, image_size: int, kind: str) -> dict:
@@ -162,7 +166,7 @@ def memory_probe(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clip = load_clip(args.clip_model, None, device=args.device)
-    work = Workload(clip, 2, PATHS[args.memory_probe], args)
+    work = Workload(clip, 2, args.memory_probe, args)
     batch = make_batch(args, vision_image_size(args.clip_model), "stage2")
     for _ in range(2):
         work.step("stage2", batch)

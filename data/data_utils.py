@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset
 
 import config
 
@@ -273,9 +273,3 @@ def train_sample_weights(merged: MergedDataset) -> torch.Tensor:
     weights = torch.full((n_labelled + n_unlabelled,), n_labelled / n_unlabelled, dtype=torch.float64)
     weights[:n_labelled] = 1.0
     return weights
-
-
-def make_train_sampler(merged: MergedDataset, generator: torch.Generator | None = None) -> WeightedRandomSampler:
-    """WeightedRandomSampler over ``merged`` drawing len(merged) samples with replacement."""
-    weights = train_sample_weights(merged)
-    return WeightedRandomSampler(weights, num_samples=len(merged), replacement=True, generator=generator)

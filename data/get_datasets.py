@@ -1,6 +1,6 @@
 """The community data API of GCD codebases (GCD, SimGCD, GET).
 
-Typical use (train.py)::
+Typical use (data/loaders.py)::
 
     args.dataset_name = "cub"
     get_class_splits(args)            # sets train_classes, unlabeled_classes, num_*
@@ -8,7 +8,6 @@ Typical use (train.py)::
     train_set, test_set, unlabelled_eval_set, parts = get_datasets(
         args.dataset_name, TwoViews(train_t), test_t, args)
     names = get_class_names(args)     # names[t] for remapped target t
-    old = is_old_target(targets, args.num_labeled_classes)
 
 Protocol (GET_SPEC.md section 1): targets are remapped to old classes
 0..K_old-1 in split-list order, then the new classes in theirs. The labelled
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 import config
 from data.aircraft import AIRCRAFT
@@ -101,14 +99,6 @@ def _keep_split_classes(raw: RawSplit, classes: list[int]) -> RawSplit:
     return raw.subset(np.flatnonzero(np.isin(raw.targets, classes)))
 
 
-def _prop_train_labels(args: Namespace) -> float:
-    """``args.prop_train_labels`` (default 0.5), checked to lie in (0, 1]."""
-    prop = float(getattr(args, "prop_train_labels", 0.5))
-    if not 0.0 < prop <= 1.0:
-        raise ValueError(f"prop_train_labels must be in (0, 1], got {prop} (flag --prop_train_labels).")
-    return prop
-
-
 def _maybe_download(source: DatasetSource, root: Path | None, args: Namespace) -> None:
     """Download into ``root`` when ``args.download`` is set (CIFAR only)."""
     if not getattr(args, "download", False):
@@ -151,7 +141,7 @@ def get_datasets(
             dataset_name, root, "no training image of any class of the split was found.", source.layout
         )
     old_positions = np.flatnonzero(np.isin(train_raw.targets, old))
-    labelled = old_positions[draw_labelled_positions(len(old_positions), _prop_train_labels(args))]
+    labelled = old_positions[draw_labelled_positions(len(old_positions), getattr(args, "prop_train_labels", 0.5))]
     unlabelled = np.setdiff1d(np.arange(len(train_raw)), labelled)
 
     datasets = {
@@ -170,11 +160,3 @@ def get_class_names(args: Namespace) -> list[str]:
     old, new = _split_lists(args.dataset_name, args)
     names = source.class_names(_root(args.dataset_name, args))
     return [names[c] for c in old + new]
-
-
-def is_old_target(targets: np.ndarray | torch.Tensor, num_labeled_classes: int) -> np.ndarray | torch.Tensor:
-    """Bool mask [N], True where a REMAPPED target is an old class (target < K_old).
-
-    This is the ``mask`` that ``util.cluster_and_log_utils.split_cluster_acc_v2`` expects.
-    """
-    return targets < num_labeled_classes

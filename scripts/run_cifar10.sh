@@ -3,4 +3,4 @@
 # batch 128, lr 0.1, sup_weight 0.35, memax_weight 1). Extra arguments go to train.py.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-run_get cifar10 --memax_weight 1 --exp_name get "$@"
+run_get cifar10 --exp_name get "$@"

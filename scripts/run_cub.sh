@@ -3,4 +3,4 @@
 # batch 128, lr 0.1, sup_weight 0.35, memax_weight 2). Extra arguments go to train.py.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-run_get cub --memax_weight 2 --exp_name get "$@"
+run_get cub --exp_name get "$@"

@@ -15,7 +15,7 @@ import pytest
 
 import config
 import data_fixtures as F
-from data.get_datasets import get_class_names, get_class_splits, get_datasets, is_old_target
+from data.get_datasets import get_class_names, get_class_splits, get_datasets
 
 DATASETS = ["cifar10", "cifar100", "imagenet_100", "imagenet_1k", "cub", "scars", "aircraft", "herbarium_19"]
 N_TRAIN, N_TEST = 4, 2
@@ -158,11 +158,11 @@ def test_test_split_disjoint_and_complete(loaded):
     assert counts == {c: N_TEST for c in expected}
 
 
-def test_old_mask_helper(loaded):
+def test_old_classes_are_the_first_targets(loaded):
     targets = np.array([i["target"] for i in loaded["unlabelled"]])
     old, _ = F.split_lists(loaded["name"])
     expected = np.array([i["cls"] in set(old) for i in loaded["unlabelled"]])
-    np.testing.assert_array_equal(is_old_target(targets, loaded["args"].num_labeled_classes), expected)
+    np.testing.assert_array_equal(targets < loaded["args"].num_labeled_classes, expected)
 
 
 def test_herbarium_names_follow_folder_not_index(tmp_path):

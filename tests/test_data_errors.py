@@ -184,15 +184,6 @@ def test_download_only_for_cifar(tmp_path):
         get_datasets("cub", None, None, args)
 
 
-@pytest.mark.parametrize("prop", [0.0, 1.5])
-def test_bad_label_proportion(prop, tmp_path):
-    F.make_fixture("cub", tmp_path, 2, 1)
-    args = args_for("cub", tmp_path)
-    args.prop_train_labels = prop
-    with pytest.raises(ValueError, match="--prop_train_labels"):
-        get_datasets("cub", None, None, args)
-
-
 def test_no_training_images_of_split_classes(tmp_path):
     F.write_cub(tmp_path, [], 2, 1)
     (tmp_path / "CUB_200_2011" / "images").mkdir()

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import data_fixtures as F
 from data.augmentations import TwoViews, get_transforms
-from data.data_utils import MergedDataset, load_image, make_train_sampler, train_sample_weights
+from data.data_utils import MergedDataset, load_image, train_sample_weights
 from data.get_datasets import get_datasets
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,18 +96,6 @@ def test_sample_weights():
     expected = [1.0 if i < 3 else 3 / 9 for i in range(12)]
     assert weights.dtype == torch.float64
     assert weights.tolist() == pytest.approx(expected, abs=0)
-
-
-def test_sampler_balances_labelled_and_unlabelled():
-    merged = MergedDataset(list(range(3)), list(range(9)))
-    generator = torch.Generator().manual_seed(0)
-    sampler = make_train_sampler(merged, generator)
-    assert sampler.num_samples == len(merged) and sampler.replacement
-    draws = [i for _ in range(400) for i in sampler]
-    # Each group carries half the total weight: 3 * 1 vs 9 * 3/9.
-    assert abs(np.mean(np.array(draws) < 3) - 0.5) < 0.03
-    again = make_train_sampler(merged, torch.Generator().manual_seed(0))
-    assert list(again) == draws[: len(merged)]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P"])

@@ -1,18 +1,21 @@
-"""The optimised computation (frozen trunk once, one CLIP) against the straightforward one of
-the reference (separate full encoders): same GET / TES losses, same parameter gradients, and
-the same training run through train.py."""
+"""The optimised computation of model.py (frozen trunk once, one CLIP) against the reference's
+computation kept in bench/reference.py (separate full encoders, three CLIPs): the same GET /
+TES losses, the same parameter gradients, and the same weights after a few SGD steps.
+(The split image encoder itself is checked against CLIP's ``encode_image`` in test_model.py.)
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import model
-import train
+from bench.reference import ReferenceGETModel, ReferenceTESStage
 from methods.get import get_loss
 from methods.tes import tes_loss
-from tests.helpers import run_dirs, tiny_argv, trainable_weights
 
 TINY, K, B = "GET-tiny", 6, 4
+HEAD = model.HeadConfig(hidden_dim=128, bottleneck_dim=32)
+OPTIMISED, REFERENCE = "optimised", "reference"
 
 
 def batch(seed: int = 0) -> dict:
@@ -23,68 +26,103 @@ def batch(seed: int = 0) -> dict:
             "labelled": labelled}
 
 
-def twin_models(build):
-    """The same model built twice, once per path, from identically seeded CLIP and weights."""
+CLASS_TEXT = torch.nn.functional.normalize(
+    torch.randn(3, 32, generator=torch.Generator().manual_seed(5)), dim=-1)
+
+
+def twin_models(build_optimised, build_reference):
+    """The same model built twice, optimised and reference, from identically seeded CLIP and
+    weights."""
     out = {}
-    for shared in (True, False):
+    for path, build in ((OPTIMISED, build_optimised), (REFERENCE, build_reference)):
         torch.manual_seed(0)
         clip = model.load_clip(TINY, pretrained=None)
         torch.manual_seed(1)
         tes = model.TextEmbeddingSynthesizer(clip, n_words=7)
         torch.manual_seed(2)
-        out[shared] = build(clip, tes, shared)
+        out[path] = build(clip, tes)
     return out
+
+
+def stage2_twins(grad_from_block: int):
+    return twin_models(
+        lambda clip, tes: model.GETModel(clip, tes, K, grad_from_block=grad_from_block, head=HEAD),
+        lambda clip, tes: ReferenceGETModel(clip, tes, K, grad_from_block=grad_from_block,
+                                            head=HEAD))
+
+
+def stage1_twins():
+    return twin_models(model.TESStage, ReferenceTESStage)
+
+
+def stage2_loss(net, b: dict):
+    return get_loss(net(b["images"]), b["labels"], b["labelled"], teacher_temp=0.05)
+
+
+def stage1_loss(stage, b: dict):
+    f, t = stage(b["images"])
+    return tes_loss(f, t, 100.0, b["labels"].clamp(max=2), b["labelled"], CLASS_TEXT)
 
 
 def gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def assert_same(a: dict, b: dict) -> None:
+def assert_same(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     assert a.keys() == b.keys() and a
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
 
 
 @pytest.mark.parametrize("grad_from_block", [1, 2, 3])
 def test_stage2_step_losses_and_gradients_match(grad_from_block):
-    models = twin_models(lambda clip, tes, shared: model.GETModel(
-        clip, tes, K, grad_from_block=grad_from_block, shared_trunk=shared))
+    models = stage2_twins(grad_from_block)
     b, parts, grads = batch(), {}, {}
-    for shared, net in models.items():
-        loss, components = get_loss(net(b["images"]), b["labels"], b["labelled"], teacher_temp=0.05)
+    for path, net in models.items():
+        loss, components = stage2_loss(net, b)
         loss.backward()
-        parts[shared] = {"total": loss.detach(), **components}
-        grads[shared] = gradients(net)
-    assert_same(parts[True], parts[False])
-    assert_same(grads[True], grads[False])
+        parts[path] = {"total": loss.detach(), **components}
+        grads[path] = gradients(net)
+    assert_same(parts[OPTIMISED], parts[REFERENCE])
+    assert_same(grads[OPTIMISED], grads[REFERENCE])
     expected = {f"clip.visual.transformer.resblocks.{grad_from_block}.mlp.c_fc.weight",
                 "text_map.weight", "head.weight_v"}
-    assert expected <= grads[True].keys()
+    assert expected <= grads[OPTIMISED].keys()
 
 
 def test_stage1_step_losses_and_gradients_match():
-    models = twin_models(lambda clip, tes, shared: model.TESStage(clip, tes, shared_encoder=shared))
+    models = stage1_twins()
     b, parts, grads = batch(), {}, {}
-    class_text = torch.nn.functional.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(5)), dim=-1)
-    for shared, stage in models.items():
-        f, t = stage(b["images"])
-        loss, components = tes_loss(f, t, 100.0, b["labels"].clamp(max=2), b["labelled"], class_text)
+    for path, stage in models.items():
+        loss, components = stage1_loss(stage, b)
         loss.backward()
-        parts[shared] = {"total": loss.detach(), **components}
-        grads[shared] = gradients(stage)
-    assert_same(parts[True], parts[False])
-    assert set(grads[True]) == {"tes.projector.weight", "tes.projector.bias"}
-    assert_same(grads[True], grads[False])
+        parts[path] = {"total": loss.detach(), **components}
+        grads[path] = gradients(stage)
+    assert_same(parts[OPTIMISED], parts[REFERENCE])
+    assert set(grads[OPTIMISED]) == {"tes.projector.weight", "tes.projector.bias"}
+    assert_same(grads[OPTIMISED], grads[REFERENCE])
 
 
-def test_train_flag_restores_the_straightforward_computation(tmp_path, cub_root):
-    shared = train.main(tiny_argv(tmp_path, cub_root, exp_name="shared"))
-    straight = train.main(tiny_argv(tmp_path, cub_root, "--no-shared_trunk", exp_name="straight"))
-    (a_dir,), (b_dir,) = run_dirs(tmp_path, "shared"), run_dirs(tmp_path, "straight")
-    a, b = trainable_weights(a_dir / "last.pt"), trainable_weights(b_dir / "last.pt")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert shared == straight
-    assert "ref_image_clip" in (b_dir / "log.txt").read_text()  # the reference's CLIP copies
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sgd_steps_give_the_same_trainable_weights(stage):
+    """Three SGD steps (the GET optimiser) on three batches: after them the trainable blocks
+    differ from the frozen copies both paths keep, which must not change the text branch."""
+    models = stage1_twins() if stage == 1 else stage2_twins(grad_from_block=2)
+    loss_fn = stage1_loss if stage == 1 else stage2_loss
+    weights, losses = {}, {}
+    for path, net in models.items():
+        start = {k: v.clone() for k, v in net.trainable_state_dict().items()}
+        optimizer = torch.optim.SGD(net.trainable_parameters(), lr=0.1, momentum=0.9,
+                                    weight_decay=5e-5)
+        losses[path] = []
+        for step in range(3):
+            loss, _ = loss_fn(net, batch(seed=10 + step))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses[path].append(loss.detach())
+        weights[path] = net.trainable_state_dict()
+        assert any(not torch.equal(start[k], v) for k, v in weights[path].items())
+    torch.testing.assert_close(torch.stack(losses[OPTIMISED]), torch.stack(losses[REFERENCE]),
+                               rtol=1e-5, atol=1e-6)
+    assert_same(weights[OPTIMISED], weights[REFERENCE], rtol=1e-4, atol=1e-5)

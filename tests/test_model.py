@@ -1,7 +1,7 @@
 """Tests of model.py on the random-init tiny CLIP (CPU, no network).
 
 Each numerical check compares against an independent computation: CLIP's own encoders, the
-reference (unshared) computation, or an explicit float64 formula written here.
+reference's computation (bench/reference.py), or an explicit float64 formula written here.
 
     python -m pytest -q tests/test_model.py
 """
@@ -17,6 +17,9 @@ import pytest
 import torch
 
 import model
+from bench.reference import ReferenceGETModel, ReferenceTESStage
+from methods.get import get_loss
+from methods.tes import tes_loss
 from open_clip.transformer import QuickGELU
 
 TINY = model.TINY_MODEL_NAME
@@ -40,14 +43,14 @@ def make_tes(clip, tokenizer, seed: int = 1, **kwargs) -> model.TextEmbeddingSyn
 
 
 def make_get_pair(tokenizer, grad_from_block: int, **kwargs):
-    """Two GET models, shared trunk (optimised) and reference, with equal weights."""
+    """Two GET models, optimised (model.py) and reference (bench/reference.py), with equal
+    weights."""
     models = []
-    for shared in (True, False):
+    for cls in (model.GETModel, ReferenceGETModel):
         clip = make_clip(0)
         tes = make_tes(clip, tokenizer)
         torch.manual_seed(2)
-        models.append(model.GETModel(clip, tes, num_classes=5, grad_from_block=grad_from_block,
-                                     shared_trunk=shared, **kwargs))
+        models.append(cls(clip, tes, num_classes=5, grad_from_block=grad_from_block, **kwargs))
     # As after some training: the trainable blocks now differ from the frozen CLIP that the
     # text branch must keep using.
     gen = torch.Generator().manual_seed(7)
@@ -162,7 +165,9 @@ def test_split_visual_encoder_equals_clip(grad_from_block):
         expected_cls = unprojected(x)
     assert torch.equal(cls, expected_cls)
     assert torch.equal(model.visual_project(visual, cls), expected)
-    assert torch.equal(model.encode_image_split(visual, x), expected)
+    whole = model.visual_tail(visual.transformer.resblocks, visual.ln_post,
+                              model.visual_trunk(visual, x, 0))
+    assert torch.equal(model.visual_project(visual, whole), expected)
 
 
 # ------------------------------------------------------------------------------ TES
@@ -286,7 +291,7 @@ def test_dino_head_structure_init_and_cosine_logits():
 # ------------------------------------------------------------------------------ GET model
 
 @pytest.mark.parametrize("use_projection", [False, True])
-def test_get_model_shared_trunk_equals_reference(tokenizer, use_projection):
+def test_get_model_equals_reference(tokenizer, use_projection):
     fast, ref = make_get_pair(tokenizer, grad_from_block=2, use_projection=use_projection)
     x = images(4)
     out_fast, out_ref = fast(x), ref(x)
@@ -305,13 +310,12 @@ def test_get_model_shared_trunk_equals_reference(tokenizer, use_projection):
 
 
 @pytest.mark.parametrize("grad_from_block", [0, 2, 4])
-@pytest.mark.parametrize("shared_trunk", [True, False])
+@pytest.mark.parametrize("get_model", [model.GETModel, ReferenceGETModel])
 def test_get_model_gradients_flow_only_into_trainable_parts(tokenizer, grad_from_block,
-                                                            shared_trunk):
+                                                            get_model):
     clip = make_clip(0)
     tes = make_tes(clip, tokenizer)
-    net = model.GETModel(clip, tes, num_classes=5, grad_from_block=grad_from_block,
-                         shared_trunk=shared_trunk)
+    net = get_model(clip, tes, num_classes=5, grad_from_block=grad_from_block)
     random_weighted_sum(net(images())).backward()
     trainable_prefixes = [f"visual.transformer.resblocks.{i}." for i in range(grad_from_block, 4)]
     for name, param in clip.named_parameters():
@@ -322,7 +326,8 @@ def test_get_model_gradients_flow_only_into_trainable_parts(tokenizer, grad_from
     for part in (net.text_map, net.head):
         assert all(p.grad.abs().sum() > 0 for p in part.parameters())
     assert all(p.grad is None for p in tes.parameters())
-    frozen = [net.frozen_tail] if shared_trunk else [net.ref_image_clip, net.ref_text_clip]
+    frozen = ([net.frozen_tail] if get_model is model.GETModel
+              else [net.image_clip, net.text_clip])
     for part in frozen:
         assert all(p.grad is None and not p.requires_grad for p in part.parameters())
     with_grad = {id(p) for p in net.parameters() if p.grad is not None}
@@ -332,7 +337,7 @@ def test_get_model_gradients_flow_only_into_trainable_parts(tokenizer, grad_from
 def test_get_model_separate_heads_both_train(tokenizer):
     clip = make_clip(0)
     net = model.GETModel(clip, make_tes(clip, tokenizer), num_classes=5, grad_from_block=3,
-                         shared_head=False)
+                         head=model.HeadConfig(shared=False))
     assert net.text_head is not net.head
     out = net(images())
     # Each branch goes through its own head: the text logits are the text head's cosines.
@@ -413,17 +418,6 @@ def test_parameter_summary_counts(tokenizer):
     assert "total" in model.format_parameter_summary(rows)
 
 
-def test_get_model_under_bf16_autocast(tokenizer):
-    clip = make_clip(0)
-    net = model.GETModel(clip, make_tes(clip, tokenizer), num_classes=5, grad_from_block=2)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        out = net(images())
-        loss = sum(v.float().sum() for v in out.values())
-    loss.backward()
-    assert all(torch.isfinite(v).all() for v in out.values())
-    assert all(torch.isfinite(p.grad).all() for p in net.trainable_parameters())
-
-
 def test_get_model_rejects_bad_grad_from_block_and_foreign_tes(tokenizer):
     clip = make_clip(0)
     tes = make_tes(clip, tokenizer)
@@ -435,17 +429,17 @@ def test_get_model_rejects_bad_grad_from_block_and_foreign_tes(tokenizer):
 
 # ------------------------------------------------------------------------------ stage 1
 
-def test_tes_stage_shared_encoder_equals_reference_and_trains_projector_only(tokenizer):
+def test_tes_stage_equals_reference_and_trains_projector_only(tokenizer):
     outputs, grads = [], []
-    for shared in (True, False):
+    for stage_cls in (model.TESStage, ReferenceTESStage):
         clip = make_clip(0)
-        stage = model.TESStage(clip, make_tes(clip, tokenizer), shared_encoder=shared)
+        stage = stage_cls(clip, make_tes(clip, tokenizer))
         f, t = stage(images(4))
         assert f.shape == t.shape == (4, 32)
         random_weighted_sum({"t": t}).backward()
         assert all(p.grad is None for p in clip.parameters())
-        if not shared:
-            assert all(p.grad is None for p in stage.frozen_visual.parameters())
+        if stage_cls is ReferenceTESStage:
+            assert all(p.grad is None for p in stage.tes_visual.parameters())
         assert [n for n, p in stage.named_parameters() if p.grad is not None] == \
             ["tes.projector.weight", "tes.projector.bias"]
         with torch.no_grad():
@@ -456,3 +450,109 @@ def test_tes_stage_shared_encoder_equals_reference_and_trains_projector_only(tok
     assert rel_err(outputs[0][1], outputs[1][1]) < 1e-6
     for fast, ref in zip(*grads):
         assert rel_err(fast, ref) < 1e-5
+
+
+# ------------------------------------------------------------------------------ precision
+
+def labelled_batch(n: int = 4) -> dict:
+    """Both views of n samples stacked (2n rows), half of them labelled."""
+    labels = torch.arange(n).remainder(3).repeat(2)
+    labelled = (torch.arange(n) % 2 == 0).repeat(2)
+    return {"images": images(2 * n), "labels": labels, "labelled": labelled}
+
+
+@pytest.mark.parametrize("use_projection", [False, True])
+def test_amp_runs_encoders_in_bf16_and_heads_in_fp32(tokenizer, use_projection):
+    clip = make_clip(0)
+    heads = model.HeadConfig(shared=False, hidden_dim=128, bottleneck_dim=32)
+    net = model.GETModel(clip, make_tes(clip, tokenizer), num_classes=5, grad_from_block=2,
+                         use_projection=use_projection, head=heads, amp=True)
+    x = images(4)
+    v_feat, tes_out = net.encode(x)
+    assert v_feat.dtype == tes_out.dtype == torch.bfloat16
+    out = net(x)
+    assert all(v.dtype == torch.float32 for v in out.values()), {k: v.dtype for k, v in out.items()}
+    # The text mapping and the heads are not autocast: the fp32 modules on the same float32
+    # inputs give exactly the model's outputs.
+    assert torch.equal(out["v_feat"], v_feat.float())
+    assert torch.equal(out["t_feat"], net.text_map(tes_out.float()))
+    for branch, head in (("v", net.head), ("t", net.text_head)):
+        proj, logits = head(out[f"{branch}_feat"])
+        assert torch.equal(out[f"{branch}_proj"], proj) and torch.equal(out[f"{branch}_logits"], logits)
+    # Also inside a caller's autocast region.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wrapped = net(x)
+    assert all(torch.equal(wrapped[k], out[k]) for k in out)
+    net.eval()
+    assert all(v.dtype == torch.float32 for v in net.predict(x).values())
+
+
+def test_amp_losses_are_float32_and_gradients_finite(tokenizer):
+    clip = make_clip(0)
+    net = model.GETModel(clip, make_tes(clip, tokenizer), num_classes=5, grad_from_block=2,
+                         head=model.HeadConfig(hidden_dim=128, bottleneck_dim=32), amp=True)
+    b = labelled_batch()
+    loss, components = get_loss(net(b["images"]), b["labels"], b["labelled"], teacher_temp=0.07)
+    assert loss.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in components.values()), components
+    loss.backward()
+    for param in net.trainable_parameters():
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32
+        assert torch.isfinite(param.grad).all()
+
+
+def test_amp_tes_stage_outputs_float32(tokenizer):
+    outputs = {}
+    for amp in (False, True):
+        clip = make_clip(0)
+        stage = model.TESStage(clip, make_tes(clip, tokenizer), amp=amp)
+        outputs[amp] = stage(images(4))
+    f, t = outputs[True]
+    assert f.dtype == t.dtype == torch.float32
+    assert not torch.equal(t, outputs[False][1])  # autocast was on
+    for amp_out, fp32_out in zip(outputs[True], outputs[False]):
+        assert rel_err(amp_out, fp32_out) < 0.05
+    b = labelled_batch()
+    class_text = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    f, t = stage(b["images"])
+    loss, components = tes_loss(f, t, 100.0, b["labels"], b["labelled"], class_text)
+    assert loss.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in components.values()), components
+
+
+# ------------------------------------------------------------------------------ ViT-B/16
+
+def test_tiny_config_registered_at_import():
+    assert TINY in open_clip.list_models()
+    assert not hasattr(model, "register_tiny_clip")
+
+
+@pytest.mark.parametrize("use_projection", [False, True])
+def test_vit_b16_shapes_on_meta_device(use_projection):
+    """The paper's architecture (GET_SPEC §3-§4), built on the meta device: no weights are
+    allocated, so this costs no memory and no download."""
+    clip = model.load_clip("ViT-B-16", pretrained=None, device="meta")
+    assert all(p.is_meta for p in clip.parameters())
+    with pytest.raises(ValueError, match="meta"):
+        model.load_clip("ViT-B-16", pretrained="openai", device="meta")
+    with torch.device("meta"):
+        tes = model.TextEmbeddingSynthesizer(clip)
+        net = model.GETModel(clip, tes, num_classes=200, use_projection=use_projection)
+    assert (tes.projector.in_features, tes.projector.out_features) == (512, 7 * 512)
+    assert clip.visual.transformer.width == 768 and clip.visual.output_dim == 512
+    feat = 512 if use_projection else 768
+    assert net.feat_dim == feat
+    assert (net.text_map.in_features, net.text_map.out_features) == (512, feat)
+    linears = [m for m in net.head.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(feat, 2048), (2048, 2048),
+                                                                  (2048, 256)]
+    assert net.head.weight_v.shape == (200, feat) and net.text_head is None
+    assert [k for k in net.trainable_modules() if k.startswith("clip.")] == \
+        ["clip.visual.transformer.resblocks.11"]
+    out = net(torch.empty(2, 3, 224, 224, device="meta"))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "v_feat": (2, feat), "t_feat": (2, feat), "v_proj": (2, 256), "t_proj": (2, 256),
+        "v_logits": (2, 200), "t_logits": (2, 200)}
+    assert all(v.dtype == torch.float32 for v in out.values())
+    f, t = model.TESStage(clip, tes)(torch.empty(2, 3, 224, 224, device="meta"))
+    assert f.shape == t.shape == (2, 512)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+from engine import NonFiniteLossError
 from data.data_utils import ImageLoadError
 from tests.data_fixtures import make_fixture
 from tests.helpers import run_dirs, tiny_argv, trainable_weights
@@ -98,7 +99,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cub_root
         return total, parts
 
     monkeypatch.setattr(train, "get_loss", nan_in_epoch_1)
-    with pytest.raises(train.NonFiniteLossError, match=r"epoch 1, step 1 .*cico=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1 .*cico=nan"):
         train.main(tiny_argv(tmp_path, cub_root, "--epochs", "3"))
     last, digest = seen["last"]
     assert hashlib.sha256(last.read_bytes()).hexdigest() == digest

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train
+from params import get_args_parser
+from util.runs import latest_run
 from tests.helpers import run_dirs, scalar_tags, tiny_argv, trainable_weights
 from util.checkpoint import CheckpointError, atomic_save
 
@@ -62,15 +64,15 @@ def test_stage_get_alone_finds_the_stage_1_checkpoint(tmp_path, cub_root):
 
 
 def test_resume_auto_picks_the_newest_run_of_exactly_this_name(tmp_path):
-    args = train.get_args_parser().parse_args(["--exp_root", str(tmp_path), "--exp_name", "t"])
+    args = get_args_parser().parse_args(["--exp_root", str(tmp_path), "--exp_name", "t"])
     for name, ckpt in (("t-20260101-000000-000000", "last.pt"),
                        ("t-20260102-000000-000000", "tes_last.pt"),  # newer, still in stage 1
                        ("t-old-20260103-000000-000000", "last.pt"),  # another --exp_name
                        ("t-20260104-000000-000000", "config.json")):  # nothing to resume
         (tmp_path / "cub" / name).mkdir(parents=True)
         (tmp_path / "cub" / name / ckpt).touch()
-    assert train.latest_run(args, "last.pt", "tes_last.pt").name == "t-20260102-000000-000000"
-    assert train.latest_run(args, "last.pt").name == "t-20260101-000000-000000"
+    assert latest_run(args, "last.pt", "tes_last.pt").name == "t-20260102-000000-000000"
+    assert latest_run(args, "last.pt").name == "t-20260101-000000-000000"
 
 
 def interrupt_at_call(monkeypatch, call: int) -> None:

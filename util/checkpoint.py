@@ -66,6 +66,13 @@ def load_checkpoint(path: str | Path, expect: Mapping[str, Any] | None = None) -
     return ckpt
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     """The state of every random generator the training loop uses, as weights-only-safe data."""
     np_state = np.random.get_state()

@@ -3,8 +3,8 @@
 One assignment of cluster ids to classes is computed on ALL samples
 (``scipy.optimize.linear_sum_assignment`` maximising the matched counts);
 All / Old / New accuracies are then read under that single assignment.
-``mask`` marks samples whose TRUE class is old (see
-``data.get_datasets.is_old_target``). An empty group (e.g. no new-class
+``mask`` marks samples whose TRUE class is old (remapped target <
+``num_labeled_classes``). An empty group (e.g. no new-class
 sample) has accuracy 0.0 by convention, never NaN.
 
 Example::

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
 
@@ -29,23 +30,39 @@ class DistInfo:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def device(self, device: str) -> str:
+        """The device of this process: under torchrun, CUDA means the GPU of its local rank."""
+        return f"cuda:{self.local_rank}" if self.enabled and device.startswith("cuda") else device
 
-def init_distributed(device_type: str) -> DistInfo:
+
+def init_distributed(device: str) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
-    NCCL on CUDA, Gloo on CPU. Without ``torchrun`` (no ``WORLD_SIZE``) this is a no-op.
+    NCCL on CUDA, Gloo on CPU; each process of a CUDA run uses the GPU of its local rank.
+    Without ``torchrun`` (no ``WORLD_SIZE``) this is a no-op.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.device(device).type == "cuda"
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
+        if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank)
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel when several processes run, else itself."""
+    if not info.enabled:
+        return module
+    cuda = next(module.parameters()).device.type == "cuda"
+    # The models' buffers (attention masks, token ids, the heads' fixed norms) never change:
+    # no need to broadcast them before every forward.
+    return DistributedDataParallel(module, device_ids=[info.local_rank] if cuda else None,
+                                   broadcast_buffers=False)
 
 
 def cleanup_distributed() -> None:

@@ -1,0 +1,243 @@
+"""The training engine: one epoch of either stage, evaluation, and the checkpoint of a stage.
+
+``train.py`` drives it. Each stage is a ``Stage`` (its model, loss, optimiser and checkpoint);
+``train_one_epoch`` trains it from a ``Position`` (resumable mid-epoch), ``evaluate`` gives
+the Hungarian-matched All/Old/New accuracy of the visual, text and fused predictions.
+"""
+from __future__ import annotations
+
+import json
+import math
+from argparse import Namespace
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.data_utils import count_skipped_images
+from data.loaders import SKIPPED_IMAGES
+from params import HEADS, SPLITS
+from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
+from util.cluster_and_log_utils import log_accs_from_preds
+from util.dist import any_rank, barrier, gather_predictions
+from util.logging_utils import get_logger, save_json
+from util.runs import Run
+
+LAST_CHECKPOINT = {"tes": "tes_last.pt", "get": "last.pt"}
+# (images [2B, 3, H, W], labels [2B], labelled [2B] bool, epoch) -> (loss, {term: value})
+LossFn = Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, dict[str, Tensor]]]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Position:
+    """Where a stage is; saved in every checkpoint (as "loop")."""
+    epoch: int = 0            # completed epochs
+    step_in_epoch: int = 0    # steps of the current epoch already trained (interrupted runs)
+    global_step: int = 0
+    sums: dict = field(default_factory=dict)  # running sums of the loss terms this epoch
+    best: float = -1.0        # best value of --best_metric so far (stage 2)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch, self.sums = self.epoch + 1, 0, {}
+
+
+def checkpoint_meta(args: Namespace) -> dict:
+    """What a checkpoint must agree on with this run to be usable."""
+    return {"dataset": args.dataset_name, "num_old": args.num_labeled_classes,
+            "num_classes": args.num_labeled_classes + args.num_unlabeled_classes,
+            "clip_model": args.clip_model, "n_words": args.n_words}
+
+
+def sgd_cosine(params, lr: float, epochs: int, args: Namespace):
+    """SGD with the flags' momentum and weight decay, cosine-annealed to lr/1000 (both stages)."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=lr * 1e-3)
+
+
+@dataclass
+class Stage:
+    """One training stage: what trains, its loss, its optimiser, and what its checkpoint holds."""
+    name: str                  # 'tes' (stage 1) or 'get' (stage 2): checkpoint and log prefix
+    model: torch.nn.Module     # the unwrapped model: its trainable part is checkpointed
+    loss_fn: LossFn            # runs the (possibly DDP-wrapped or compiled) model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epochs: int
+    meta: dict                 # what a checkpoint must agree on with this run
+    extra: dict = field(default_factory=dict)  # frozen state saved along (stage 2: the TES)
+    schedule: Callable[[int], dict] = lambda epoch: {}  # per-epoch values logged (teacher temp.)
+
+    @property
+    def last_name(self) -> str:
+        """File name of the stage's latest full state in the run folder."""
+        return LAST_CHECKPOINT[self.name]
+
+    def save(self, path: Path, position: Position, args: Namespace) -> None:
+        atomic_save({"meta": self.meta, "stage": self.name, "loop": asdict(position),
+                     "model": self.model.trainable_state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "rng": rng_state(), "args": json.loads(json.dumps(vars(args), default=str)),
+                     **self.extra}, path)
+
+    def restore(self, path: Path) -> Position:
+        ckpt = load_checkpoint(path, expect=self.meta)
+        if ckpt.get("stage") != self.name:
+            raise CheckpointError(f"{path} is a '{ckpt.get('stage')}' checkpoint, expected '{self.name}'")
+        self.model.load_trainable_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        return Position(**ckpt["loop"])
+
+
+def train_one_epoch(stage: Stage, loader: DataLoader, position: Position, run: Run) -> bool:
+    """Train from ``position`` to the end of its epoch (True) or until a stop request (False).
+
+    The epoch's sample draw and worker seeds depend on (seed, epoch) only, and the batches
+    already trained in this epoch are skipped: a resumed epoch sees exactly the batches that
+    an uninterrupted one would.
+    """
+    args, device = run.args, run.device
+    loader.sampler.set_epoch(position.epoch, skip=position.step_in_epoch * loader.batch_size)
+    loader.generator.manual_seed(args.seed * 100_003 + position.epoch)
+    n_steps = len(loader) + position.step_in_epoch
+    if args.max_steps_per_epoch:
+        n_steps = min(n_steps, args.max_steps_per_epoch)
+    stage.model.train()
+    bar = tqdm(total=n_steps, initial=position.step_in_epoch, leave=False, dynamic_ncols=True,
+               desc=f"{stage.name} epoch {position.epoch}", disable=not (args.progress and run.info.is_main))
+    stopping = False
+    for views, labels, _, labelled in loader:
+        if position.step_in_epoch >= n_steps:
+            break
+        images = torch.cat(views, dim=0).to(device, non_blocking=True)  # view 1 rows, then view 2
+        labels = labels.to(device, non_blocking=True).repeat(2)
+        labelled = labelled.to(device, non_blocking=True).bool().repeat(2)
+        loss, terms = stage.loss_fn(images, labels, labelled, position.epoch)
+        values, stopping = check_loss(stage, position, {"total": loss, **terms}, run)
+        stage.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stage.optimizer.step()
+        position.step_in_epoch += 1
+        position.global_step += 1
+        for name, value in values.items():
+            position.sums[name] = position.sums.get(name, 0.0) + value
+        run.logger.log_scalars({f"{stage.name}/loss/{k}": v for k, v in values.items()},
+                               position.global_step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['total']:.3f}")
+        if stopping:  # the step is finished: now stop
+            break
+    bar.close()
+    return not stopping
+
+
+def check_loss(stage: Stage, position: Position, terms: dict[str, Tensor],
+               run: Run) -> tuple[dict[str, float], bool]:
+    """The loss terms as floats, and whether any process was asked to stop. Raises
+    NonFiniteLossError on every process if any process has a non-finite term."""
+    # One device-to-host copy for all terms, and one collective for both questions: every
+    # process stops together, or one would wait for the others forever.
+    values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+    non_finite, stopping = any_rank(
+        not all(map(math.isfinite, values.values())), run.stop.requested, device=run.device)
+    if non_finite:
+        raise NonFiniteLossError(
+            f"non-finite loss in stage '{stage.name}' at epoch {position.epoch}, step "
+            f"{position.step_in_epoch} (global step {position.global_step}): "
+            + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+            + f". The last good checkpoint {run.dir / stage.last_name} was left untouched.")
+    return values, stopping
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run) -> dict[str, float]:
+    """Hungarian-matched All/Old/New accuracy of the visual, text and fused predictions on the
+    images of ``loader`` (gathered from every process), and their number."""
+    model.eval()
+    local = {k: [] for k in ("index", "target", *HEADS)}
+    for images, targets, uq_idx in tqdm(loader, leave=False,
+                                        disable=not (run.args.progress and run.info.is_main)):
+        out = model.predict(images.to(run.device, non_blocking=True))
+        local["visual"].append(out["v_logits"].argmax(1).cpu())
+        local["text"].append(out["t_logits"].argmax(1).cpu())
+        local["fused"].append(out["fused_probs"].argmax(1).cpu())
+        local["target"].append(targets)
+        local["index"].append(torch.as_tensor(uq_idx))
+    preds = gather_predictions({k: torch.cat(v) if v else torch.empty(0, dtype=torch.long)
+                                for k, v in local.items()}, run.info)
+    y_true = preds["target"].numpy()
+    metrics = {"n_samples": len(y_true)}
+    for head in HEADS:
+        accs = log_accs_from_preds(y_true, preds[head].numpy(), y_true < num_old, eval_func=run.args.eval_func)
+        metrics.update({f"{head}/{group}": float(acc) for group, acc in zip(("all", "old", "new"), accs)})
+    return metrics
+
+
+def evaluate_splits(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int,
+                    run: Run) -> dict[str, float]:
+    """``evaluate`` on each split: {'<split>/<head>/<all|old|new>': accuracy, ...}."""
+    return {f"{split}/{key}": value for split, loader in loaders.items()
+            for key, value in evaluate(model, loader, num_old, run).items()}
+
+
+def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:
+    """A finished epoch to the console, ``metrics.jsonl`` and TensorBoard: ``summary`` (lr,
+    seconds, eval metrics) with the mean loss terms and the stage's schedule values."""
+    epoch, metrics = position.epoch, summary.pop("eval", {})
+    record = {"stage": stage.name, "epoch": epoch, **summary, **stage.schedule(epoch),
+              "loss": {k: v / max(position.step_in_epoch, 1) for k, v in position.sums.items()}}
+    if metrics:
+        record["eval"] = metrics
+    if run.args.skip_bad_images and count_skipped_images(run.dir / SKIPPED_IMAGES):
+        record["skipped_images"] = count_skipped_images(run.dir / SKIPPED_IMAGES)
+        get_logger().warning("skipped %d unreadable images so far (listed in %s)",
+                             record["skipped_images"], run.dir / SKIPPED_IMAGES)
+    run.logger.log_scalars({f"{stage.name}/lr": record["lr"],
+                            **{f"{stage.name}/epoch_loss/{k}": v for k, v in record["loss"].items()},
+                            **{f"{stage.name}/{k}": v for k, v in stage.schedule(epoch).items()},
+                            **{f"eval/{k}": v for k, v in metrics.items() if not k.endswith("n_samples")}},
+                           epoch)
+    run.logger.log_epoch(record)
+    get_logger().info("%s epoch %d/%d  loss %.4f  lr %.4g  (%.1fs)%s", stage.name, epoch + 1,
+                      stage.epochs, record["loss"].get("total", float("nan")), record["lr"],
+                      record["seconds"], format_eval(metrics))
+
+
+def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run) -> None:
+    """The stage's full state after an epoch; ``best.pt`` too when ``--best_metric`` improved."""
+    value = metrics.get(run.args.best_metric)
+    improved = value is not None and value > position.best
+    if improved:
+        position.best = value
+    if run.info.is_main:
+        if improved:
+            stage.save(run.dir / "best.pt", position, run.args)
+        stage.save(run.dir / stage.last_name, position, run.args)
+    barrier()
+
+
+def format_eval(metrics: dict) -> str:
+    """Rows of All/Old/New per head for each evaluated split ('' without metrics)."""
+    rows = [f"\n    {split:<17}" + "  ".join(
+        f"{head} {metrics[f'{split}/{head}/all']:.4f}/{metrics[f'{split}/{head}/old']:.4f}/"
+        f"{metrics[f'{split}/{head}/new']:.4f}" for head in HEADS)
+        for split in SPLITS if f"{split}/visual/all" in metrics]
+    return "  (All/Old/New)" + "".join(rows) if rows else ""
+
+
+def report(metrics: dict, run: Run, title: str, file_name: str) -> dict:
+    """The final metrics to the log and to ``file_name`` in the run folder."""
+    get_logger().info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics))
+    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
+    if run.info.is_main:
+        save_json(metrics, run.dir / file_name)
+    return metrics

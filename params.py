@@ -1,0 +1,187 @@
+"""Every flag of train.py, its default and its check: the one place where input is validated.
+
+    python train.py --help        # every flag, grouped, with its default
+
+``parse_args(argv)`` parses, fills the defaults that depend on the dataset or the machine,
+and refuses invalid values (exit code 2, naming the flag) before any work is done.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import config
+from model import vision_depth
+
+HEADS = ("visual", "text", "fused")
+SPLITS = ("train_unlabelled", "test")
+# Mean-entropy weight of the paper per dataset (GET_SPEC §4); 1 elsewhere.
+MEMAX_WEIGHT = {"cifar100": 4.0, "cub": 2.0}
+# Flags that shape the stage-2 model: stored in its checkpoints, adopted by --stage eval.
+ARCHITECTURE_FLAGS = ("grad_from_block", "use_projection", "shared_head", "head_hidden_dim",
+                      "head_bottleneck_dim")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="GET: generalized category discovery with CLIP (stage 1 TES, stage 2 GET).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    switch = argparse.BooleanOptionalAction
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default="cub", choices=config.DATASET_NAMES,
+                   help="benchmark dataset (digits: the built-in demo)")
+    g.add_argument("--data_root", default=None,
+                   help="dataset folder; default: the GET_<NAME>_ROOT variable or ./datasets/<name>")
+    g.add_argument("--download", action=switch, default=False,
+                   help="download CIFAR through torchvision if missing (CIFAR only)")
+    g.add_argument("--prop_train_labels", type=float, default=0.5,
+                   help="fraction of old-class training images that are labelled")
+    g.add_argument("--normalization", default="imagenet", choices=("imagenet", "clip"),
+                   help="image mean/std; the reference uses ImageNet statistics")
+    g.add_argument("--num_workers", type=int, default=8, help="data-loading processes per GPU/process")
+    g.add_argument("--skip_bad_images", action=switch, default=False,
+                   help="replace unreadable images by another sample and count them, instead of stopping")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--clip_model", default="ViT-B-16", help="open_clip architecture name")
+    g.add_argument("--pretrained", default="openai",
+                   help="open_clip pretrained tag, a local checkpoint file, or 'none' (random init)")
+    g.add_argument("--clip_cache_dir", default=None, help="open_clip download cache folder")
+    g.add_argument("--grad_from_block", type=int, default=11,
+                   help="visual transformer blocks from this index on are trained in stage 2")
+    g.add_argument("--use_projection", action=switch, default=None,
+                   help="visual branch keeps CLIP's visual projection (default: on for imagenet_1k only)")
+    g.add_argument("--shared_head", action=switch, default=True,
+                   help="one classification head for both branches, as the reference")
+    g.add_argument("--head_hidden_dim", type=int, default=2048, help="hidden width of the head MLP")
+    g.add_argument("--head_bottleneck_dim", type=int, default=256,
+                   help="output width of the head MLP (the contrastive features)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=128,
+                   help="samples per step over all processes (two views each)")
+    g.add_argument("--lr", type=float, default=0.1, help="stage-2 learning rate")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (both stages)")
+    g.add_argument("--weight_decay", type=float, default=5e-5, help="SGD weight decay (both stages)")
+    g.add_argument("--epochs", type=int, default=200, help="stage-2 epochs")
+    g.add_argument("--max_steps_per_epoch", type=int, default=None,
+                   help="cut every epoch after this many steps (quick runs)")
+
+    g = p.add_argument_group("stage 1")
+    g.add_argument("--tes_epochs", type=int, default=200, help="stage-1 epochs")
+    g.add_argument("--tes_lr", type=float, default=0.1, help="stage-1 learning rate")
+    g.add_argument("--n_words", type=int, default=7, help="pseudo words per image")
+    g.add_argument("--word_drop", type=float, default=0.0,
+                   help="word dropout ratio in stage 1 (reference: 0, 0.5 when used)")
+    g.add_argument("--prompt_template", default="a photo of a {}",
+                   help="text of the old classes for distillation")
+    g.add_argument("--tes_checkpoint", default=None,
+                   help="stage-1 checkpoint for --stage get (default: tes.pt of the latest run "
+                        "of the same --exp_name)")
+
+    g = p.add_argument_group("stage 2")
+    g.add_argument("--sup_weight", type=float, default=0.35,
+                   help="lambda: weight of the supervised terms (1 - lambda for the unsupervised ones)")
+    g.add_argument("--memax_weight", type=float, default=None,
+                   help="mean-entropy weight (default: 4 cifar100, 2 cub, 1 otherwise)")
+    g.add_argument("--warmup_teacher_temp", type=float, default=0.07,
+                   help="teacher temperature at the first epoch")
+    g.add_argument("--teacher_temp", type=float, default=0.04,
+                   help="teacher temperature after the warm-up")
+    g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30,
+                   help="epochs of the linear teacher-temperature warm-up")
+    g.add_argument("--cico_weight", type=float, default=1.0, help="lambda_C of the CICO loss")
+    g.add_argument("--eval_func", default="v2", choices=("v2", "v2b"),
+                   help="Hungarian accuracy: v2 (sample-averaged) or v2b (class-balanced)")
+    g.add_argument("--best_metric", default="train_unlabelled/fused/all",
+                   help="evaluation metric that selects best.pt")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--stage", default="all", choices=("tes", "get", "all", "eval"),
+                   help="'eval' evaluates the stage-2 checkpoint given by --eval_checkpoint")
+    g.add_argument("--eval_checkpoint", default=None, help="stage-2 last.pt / best.pt for --stage eval")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
+    g.add_argument("--amp", action=switch, default=None,
+                   help="bf16 autocast of the CLIP encoders (default: on with CUDA, off on CPU)")
+    g.add_argument("--compile", action=switch, default=False, help="torch.compile the stage-2 model")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random generator")
+    g.add_argument("--exp_root", default=None, help="output root; default GET_OUTPUT_ROOT or ./outputs")
+    g.add_argument("--exp_name", default="get", help="name of the run folders (and of --resume auto)")
+    g.add_argument("--resume", default=None,
+                   help="'auto' (latest run of --exp_name) or the path of a last.pt / tes_last.pt")
+    g.add_argument("--eval_every", type=int, default=1, help="evaluate every N stage-2 epochs")
+    g.add_argument("--progress", action=switch, default=None,
+                   help="tqdm progress bars (default: only when attached to a terminal)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parsed flags with every default resolved; exits with a usage error on invalid input."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    fill_defaults(args)
+    problem = find_problem(args)
+    if problem:
+        parser.error(problem)
+    return args
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """Defaults that depend on the dataset or on the machine."""
+    if args.pretrained and args.pretrained.lower() == "none":
+        args.pretrained = None
+    if args.memax_weight is None:
+        args.memax_weight = MEMAX_WEIGHT.get(args.dataset_name, 1.0)
+    if args.use_projection is None:
+        args.use_projection = args.dataset_name == "imagenet_1k"
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.amp is None:
+        args.amp = args.device.startswith("cuda")
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+
+
+def find_problem(args: argparse.Namespace) -> str | None:
+    """The first invalid flag value, as a message that names the flag; None if all are valid."""
+    checks = [
+        (0 < args.prop_train_labels <= 1, "--prop_train_labels must be in (0, 1]"),
+        (args.batch_size >= 2, "--batch_size must be at least 2 (two views per sample are paired)"),
+        (args.epochs >= 1 and args.tes_epochs >= 1, "--epochs and --tes_epochs must be >= 1"),
+        (args.n_words >= 1, "--n_words must be >= 1"),
+        (0 <= args.word_drop < 1, "--word_drop must be in [0, 1)"),
+        (args.lr > 0 and args.tes_lr > 0, "learning rates must be > 0"),
+        (args.eval_every >= 1, "--eval_every must be >= 1"),
+        (args.num_workers >= 0, "--num_workers must be >= 0"),
+        (args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
+         "--max_steps_per_epoch must be >= 1"),
+        (args.device == "cpu" or args.device.startswith("cuda"), "--device must be auto, cpu or cuda[:N]"),
+        (not args.device.startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device} asked for, but CUDA is not available; use --device cpu"),
+        ("{}" in args.prompt_template, "--prompt_template needs a '{}' for the class name"),
+        ((args.stage == "eval") == bool(args.eval_checkpoint),
+         "--stage eval and --eval_checkpoint PATH go together"),
+        (valid_metric_name(args.best_metric),
+         "--best_metric must look like train_unlabelled/fused/all "
+         "(split: train_unlabelled|test, head: visual|text|fused, all|old|new)"),
+    ]
+    problem = next((message for ok, message in checks if not ok), None)
+    return problem or grad_from_block_problem(args)
+
+
+def valid_metric_name(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 3 and parts[0] in SPLITS and parts[1] in HEADS and parts[2] in ("all", "old", "new")
+
+
+def grad_from_block_problem(args: argparse.Namespace) -> str | None:
+    try:
+        depth = vision_depth(args.clip_model)
+    except ValueError as err:
+        return str(err)
+    if not 0 <= args.grad_from_block <= depth:
+        return (f"--grad_from_block must be in [0, {depth}] for {args.clip_model} "
+                f"({depth} visual blocks); got {args.grad_from_block}")
+    return None

@@ -113,8 +113,7 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | None = "openai",
         pretrained: an open_clip tag (``openai``), a local checkpoint file (an open_clip / OpenAI
             state dict, or OpenAI's TorchScript ``ViT-B-16.pt``), or None / '' for random init
             (also 'none'; seed torch first for a reproducible model).
-        device: where the model lives. ``meta`` builds the architecture without allocating
-            its weights (shape checks; random init only).
+        device: where the model lives.
         cache_dir: open_clip's download cache (flag ``--clip_cache_dir``).
 
     QuickGELU (the activation of OpenAI's CLIP) is used unless the pretrained tag says its
@@ -122,16 +121,10 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | None = "openai",
     """
     model_name = model_name.replace("/", "-")
     vision_depth(model_name)  # clear error for unknown or non-ViT architectures
-    on_meta = torch.device(device).type == "meta"
-    if on_meta and pretrained and pretrained.lower() != "none":
-        raise ValueError("a CLIP on the meta device has no weights: use pretrained=None")
     checkpoint, quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
     jit_archive = checkpoint is not None and _is_torchscript_archive(checkpoint)
-    # open_clip initialises on the CPU, then moves the model (the same random model for a seed
-    # on every device); a meta model must be created on the meta device from the start.
-    with torch.device("meta") if on_meta else contextlib.nullcontext():
-        clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
-                                      precision="fp32", device=device, force_quick_gelu=quick_gelu)
+    clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
+                                  precision="fp32", device=device, force_quick_gelu=quick_gelu)
     if jit_archive:
         _load_torchscript_weights(clip, checkpoint)
     check_supported_clip(clip)

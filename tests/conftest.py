@@ -1,5 +1,9 @@
-"""Test configuration: make the repository root importable and keep torch single-threaded
-enough for the 2-core CI machine."""
+"""Test configuration: make the repository root importable and run torch on one thread.
+
+scripts/run_tests.sh runs two pytest workers; one torch thread each keeps both cores busy
+without oversubscribing them, and on a machine whose cores are shared a single thread does
+not stall the way spinning OpenMP threads do (measured: a demo run took 3x longer with two).
+"""
 import sys
 from pathlib import Path
 
@@ -7,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -74,15 +74,20 @@ def assert_same(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-6) -> Non
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
 
 
-@pytest.mark.parametrize("grad_from_block", [1, 2, 3])
-def test_stage2_step_losses_and_gradients_match(grad_from_block):
-    models = stage2_twins(grad_from_block)
+def one_step(models: dict, loss_fn) -> tuple[dict, dict]:
+    """{path: loss terms} and {path: parameter gradients} of one backward pass per path."""
     b, parts, grads = batch(), {}, {}
     for path, net in models.items():
-        loss, components = stage2_loss(net, b)
+        loss, components = loss_fn(net, b)
         loss.backward()
         parts[path] = {"total": loss.detach(), **components}
         grads[path] = gradients(net)
+    return parts, grads
+
+
+@pytest.mark.parametrize("grad_from_block", [1, 2, 3])
+def test_stage2_step_losses_and_gradients_match(grad_from_block):
+    parts, grads = one_step(stage2_twins(grad_from_block), stage2_loss)
     assert_same(parts[OPTIMISED], parts[REFERENCE])
     assert_same(grads[OPTIMISED], grads[REFERENCE])
     expected = {f"clip.visual.transformer.resblocks.{grad_from_block}.mlp.c_fc.weight",
@@ -91,13 +96,7 @@ def test_stage2_step_losses_and_gradients_match(grad_from_block):
 
 
 def test_stage1_step_losses_and_gradients_match():
-    models = stage1_twins()
-    b, parts, grads = batch(), {}, {}
-    for path, stage in models.items():
-        loss, components = stage1_loss(stage, b)
-        loss.backward()
-        parts[path] = {"total": loss.detach(), **components}
-        grads[path] = gradients(stage)
+    parts, grads = one_step(stage1_twins(), stage1_loss)
     assert_same(parts[OPTIMISED], parts[REFERENCE])
     assert set(grads[OPTIMISED]) == {"tes.projector.weight", "tes.projector.bias"}
     assert_same(grads[OPTIMISED], grads[REFERENCE])

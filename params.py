@@ -77,6 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="word dropout ratio in stage 1 (reference: 0, 0.5 when used)")
     g.add_argument("--prompt_template", default="a photo of a {}",
                    help="text of the old classes for distillation")
+    g.add_argument("--class_names", default="reference", choices=("reference", "tidy"),
+                   help="class-name strings put into --prompt_template. reference: the reference "
+                        "code's strings byte for byte (Black_footed_Albatross, aquarium_fish, "
+                        "ImageNet 'cock'); tidy: underscores as spaces and open_clip's curated "
+                        "ImageNet names")
     g.add_argument("--tes_checkpoint", default=None,
                    help="stage-1 checkpoint for --stage get (default: tes.pt of the latest run "
                         "of the same --exp_name)")

@@ -8,8 +8,8 @@ leaves behind)::
 
 Each batch is a pickle with ``data`` (uint8 [N, 3072], channel-major 32x32)
 and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100); the names come from
-``label_names`` / ``fine_label_names`` of the meta file, underscores replaced
-by spaces (``aquarium_fish`` -> ``aquarium fish``) for the text prompts.
+``label_names`` / ``fine_label_names`` of the meta file as they are
+(torchvision's ``classes``, e.g. ``aquarium_fish``).
 Splits (GET_SPEC.md section 1): CIFAR-10 old = 0-4, CIFAR-100 old = 0-79.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _class_names(name: str, root: Path | None) -> list[str]:
             name, root, f"{meta_path} should list {fmt.num_classes} '{fmt.name_key}', found {len(names)}.",
             _layout(name),
         )
-    return [n.replace("_", " ") for n in names]
+    return list(names)
 
 
 def _class_splits(name: str) -> tuple[list[int], list[int]]:

@@ -11,9 +11,10 @@ Root layout::
 
 Class id = the 1-based label minus 1 (0..199), the ids of the SSB split list.
 Dataset order = the order of images.txt. Names: the classes.txt name without
-its "NNN." prefix, underscores replaced by spaces ("001.Black_footed_Albatross"
--> "Black footed Albatross"). Split (GET_SPEC.md section 1): old = SSB
-``known_classes``, new = SSB Hard + Medium + Easy.
+its "NNN." prefix, underscores kept as the reference does
+("001.Black_footed_Albatross" -> "Black_footed_Albatross"). Split
+(GET_SPEC.md section 1): old = SSB ``known_classes``, new = SSB Hard + Medium
++ Easy.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _class_names(root: Path | None) -> list[str]:
         raise dataset_not_found(
             NAME, root, f"{root / _BASE / 'classes.txt'} should list class ids 1..{NUM_CLASSES}.", _LAYOUT
         )
-    return [classes[i].split(".", 1)[-1].replace("_", " ") for i in range(1, NUM_CLASSES + 1)]
+    return [classes[i].split(".", 1)[-1] for i in range(1, NUM_CLASSES + 1)]
 
 
 CUB = DatasetSource(

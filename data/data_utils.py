@@ -128,7 +128,7 @@ class DatasetSource:
     class_splits(): (old class ids, new class ids), ORIGINAL ids in split order.
     load_split(root, train): the train or test RawSplit; root is None for
         built-in datasets.
-    class_names(root): names indexed by ORIGINAL class id.
+    class_names(root): names indexed by ORIGINAL class id, the reference's strings.
     download(root): optional opt-in download (CIFAR only).
     """
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 import config
 from data.aircraft import AIRCRAFT
@@ -155,8 +156,25 @@ def get_datasets(
 
 
 def get_class_names(args: Namespace) -> list[str]:
-    """Class names in remapped label order (length K): names[t] is the name of target t."""
+    """Class names in remapped label order (length K): names[t] is the name of target t.
+
+    ``args.class_names`` (absent: "reference") picks the strings: "reference" gives the
+    reference code's, byte for byte, since stage 1 distils towards their text; "tidy"
+    passes them through ``tidy_class_names``.
+    """
     source = get_source(args.dataset_name)
     old, new = _split_lists(args.dataset_name, args)
     names = source.class_names(_root(args.dataset_name, args))
+    if getattr(args, "class_names", "reference") == "tidy":
+        names = tidy_class_names(args.dataset_name, names)
     return [names[c] for c in old + new]
+
+
+def tidy_class_names(dataset_name: str, names: list[str]) -> list[str]:
+    """Readable names, indexed by original class id like ``names``: underscores as spaces
+    ("aquarium_fish" -> "aquarium fish"); ImageNet takes open_clip's curated names instead
+    (e.g. class 7 "cock" -> "rooster"). Not the reference's strings: opt-in only.
+    """
+    if dataset_name in ("imagenet_100", "imagenet_1k"):
+        return list(IMAGENET_CLASSNAMES)
+    return [name.replace("_", " ") for name in names]

@@ -8,9 +8,10 @@ Root layout (both variants read the same root)::
 Class id = index of the WordNet id among the 1000 ILSVRC-2012 ids sorted as
 strings (data/imagenet_wnids.txt), which is torchvision ImageFolder's index on
 the full dataset; fixed ids keep a partial copy (e.g. a test fixture with a
-few folders) on the same ids. Class names: open_clip's ImageNet class names,
-indexed by that id. Dataset order is ImageFolder's: sorted folders, sorted
-files inside each.
+few folders) on the same ids. Class names: the reference's 1000-line list
+(data/imagenet_classes.txt, line i = class id i; e.g. 7 = "cock"), not
+open_clip's curated names (those are ``--class_names tidy``). Dataset order is
+ImageFolder's: sorted folders, sorted files inside each.
 
 Splits (GET_SPEC.md section 1): ImageNet-1k old = 0-499, new = 500-999.
 ImageNet-100 keeps the classes ``np.sort(np.random.choice(range(1000), 100,
@@ -24,12 +25,12 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from data.data_utils import DatasetSource, RawSplit, dataset_not_found, require_paths
 
 WNIDS_FILE = Path(__file__).resolve().parent / "imagenet_wnids.txt"
+CLASSES_FILE = Path(__file__).resolve().parent / "imagenet_classes.txt"
 _LAYOUT = """  train/
     n01440764/  *.JPEG   (one folder per WordNet id)
     ...
@@ -42,6 +43,12 @@ _LAYOUT = """  train/
 def imagenet_wnids() -> tuple[str, ...]:
     """The 1000 ILSVRC-2012 WordNet ids, sorted (index = class id)."""
     return tuple(WNIDS_FILE.read_text(encoding="utf-8").split())
+
+
+@lru_cache(maxsize=1)
+def imagenet_class_names() -> tuple[str, ...]:
+    """The reference's 1000 class names, one a line (index = class id); names may hold spaces."""
+    return tuple(CLASSES_FILE.read_text(encoding="utf-8").splitlines())
 
 
 def imagenet_100_classes() -> list[int]:
@@ -76,11 +83,6 @@ def _load_split(name: str, class_ids: list[int], root: Path | None, train: bool)
     return RawSplit(name, [path for path, _ in samples], np.array([t for _, t in samples], dtype=np.int64))
 
 
-def _class_names(root: Path | None) -> list[str]:
-    """open_clip's ImageNet class names, indexed by class id; ``root`` is not needed."""
-    return list(IMAGENET_CLASSNAMES)
-
-
 def _source(name: str, old: list[int], new: list[int]) -> DatasetSource:
     """A DatasetSource reading only the folders of ``old + new``."""
     return DatasetSource(
@@ -88,7 +90,7 @@ def _source(name: str, old: list[int], new: list[int]) -> DatasetSource:
         layout=_LAYOUT,
         class_splits=lambda: (list(old), list(new)),
         load_split=lambda root, train: _load_split(name, old + new, root, train),
-        class_names=_class_names,
+        class_names=lambda root: list(imagenet_class_names()),
     )
 
 

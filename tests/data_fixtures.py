@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from PIL import Image
 from scipy.io import savemat
 
@@ -93,23 +92,28 @@ def _herbarium_names() -> dict[int, str]:
     return {int(category): name for category, name in rows}
 
 
+def imagenet_reference_names() -> list[str]:
+    """The shipped copy of the reference's ImageNet class names (line i = class id i)."""
+    return (REPO_ROOT / "data" / "imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
+
+
 def _imagenet_wnids() -> list[str]:
     """The 1000 ILSVRC-2012 WordNet ids, sorted."""
     return (REPO_ROOT / "data" / "imagenet_wnids.txt").read_text(encoding="utf-8").split()
 
 
 def class_name(dataset_name: str, class_id: int) -> str:
-    """The name the loader must give class ``class_id`` of a fixture (Herbarium: a category id)."""
+    """The name the loader must give class ``class_id`` of a fixture by default (Herbarium: a category id)."""
     if dataset_name in ("cifar10", "cifar100"):
-        return f"thing {class_id}"
+        return f"thing_{class_id}"
     if dataset_name == "cub":
-        return f"Fixture bird {class_id}"
+        return f"Fixture_bird_{class_id}"
     if dataset_name == "scars":
         return f"Fixture Car {class_id} 2012"
     if dataset_name == "aircraft":
         return sorted(_aircraft_variants())[class_id]
     if dataset_name in ("imagenet_100", "imagenet_1k"):
-        return IMAGENET_CLASSNAMES[class_id]
+        return imagenet_reference_names()[class_id]
     if dataset_name == "herbarium_19":
         return _herbarium_names()[class_id]
     raise ValueError(f"No fixture names for dataset {dataset_name!r}.")

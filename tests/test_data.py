@@ -7,14 +7,19 @@ the loaders.
 """
 from __future__ import annotations
 
+import pickle
+import re
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+from scipy.io import loadmat
 
 import config
 import data_fixtures as F
+import params
 from data.get_datasets import get_class_names, get_class_splits, get_datasets
 
 DATASETS = ["cifar10", "cifar100", "imagenet_100", "imagenet_1k", "cub", "scars", "aircraft", "herbarium_19"]
@@ -68,7 +73,7 @@ def build(dataset_name: str, root: Path, classes: list[int] | None = None) -> di
                               target=target, uq_idx=uq_idx, flag=flag))
         return items
 
-    return dict(name=dataset_name, args=args, train=train, test=test, unlabelled_test=unlabelled_test,
+    return dict(name=dataset_name, root=root, args=args, train=train, test=test, unlabelled_test=unlabelled_test,
                 parts=parts, merged_items=read(train), labelled=read(parts["train_labelled"]),
                 unlabelled=read(parts["train_unlabelled"]), test_items=read(test),
                 unlabelled_test_items=read(unlabelled_test), names=get_class_names(args))
@@ -142,6 +147,80 @@ def test_class_names_aligned_with_targets(loaded):
     assert len(names) == SPEC_SIZES[loaded["name"]][1]
     for item in loaded["merged_items"] + loaded["test_items"]:
         assert names[item["target"]] == F.class_name(loaded["name"], item["code"])
+
+
+def reference_names(dataset_name: str, root: Path) -> list[str]:
+    """Names by original class id: the reference's recipe applied to the fixture's own metadata."""
+    if dataset_name in ("cifar10", "cifar100"):
+        folder, meta, key = {"cifar10": ("cifar-10-batches-py", "batches.meta", "label_names"),
+                             "cifar100": ("cifar-100-python", "meta", "fine_label_names")}[dataset_name]
+        with open(root / folder / meta, "rb") as handle:
+            return pickle.load(handle, encoding="latin1")[key]  # torchvision's `classes`, as is
+    if dataset_name == "cub":
+        # "<id> NNN.Name_With_Underscores": drop the "NNN." prefix, keep the rest verbatim.
+        text = (root / "CUB_200_2011" / "classes.txt").read_text(encoding="utf-8")
+        rows = [re.fullmatch(r"(\d+) \d{3}\.(.+)", line).groups() for line in text.splitlines()]
+        return [name for _, name in sorted(rows, key=lambda row: int(row[0]))]
+    if dataset_name == "scars":
+        return [str(n) for n in loadmat(root / "devkit" / "cars_meta.mat", squeeze_me=True)["class_names"]]
+    if dataset_name == "aircraft":
+        return sorted((root / "data" / "variants.txt").read_text(encoding="utf-8").splitlines())
+    if dataset_name in ("imagenet_100", "imagenet_1k"):
+        return F.imagenet_reference_names()
+    if dataset_name == "herbarium_19":
+        return [F.class_name("herbarium_19", F.herbarium_category(c)) for c in range(683)]
+    raise ValueError(dataset_name)
+
+
+def test_class_names_follow_reference_recipe(loaded):
+    old, new = F.split_lists(loaded["name"])
+    by_id = reference_names(loaded["name"], loaded["root"])
+    assert loaded["names"] == [by_id[c] for c in old + new]
+    explicit = get_class_names(Namespace(**{**vars(loaded["args"]), "class_names": "reference"}))
+    assert explicit == loaded["names"]
+    if loaded["name"] in ("cifar10", "cifar100", "cub"):
+        assert all("_" in name for name in loaded["names"])  # underscores kept
+
+
+def test_tidy_class_names(loaded):
+    args = Namespace(**{**vars(loaded["args"]), "class_names": "tidy"})
+    tidy = get_class_names(args)
+    if loaded["name"] in ("imagenet_100", "imagenet_1k"):
+        old, new = F.split_lists(loaded["name"])
+        assert tidy == [IMAGENET_CLASSNAMES[c] for c in old + new]
+    else:
+        assert tidy == [name.replace("_", " ") for name in loaded["names"]]
+    assert not any("_" in name for name in tidy)
+
+
+def test_shipped_imagenet_names():
+    names = F.imagenet_reference_names()
+    assert len(names) == 1000
+    # Known entries of the reference's list (not open_clip's "rooster", "hammerhead shark").
+    assert (names[0], names[4], names[7], names[8], names[999]) == (
+        "tench", "hammerhead", "cock", "hen", "toilet tissue")
+    assert names[134] == names[517] == "crane" and names[638] == names[639] == "maillot"
+    assert get_class_names(Namespace(dataset_name="imagenet_1k")) == names
+    np.random.seed(0)
+    subset = np.sort(np.random.choice(range(1000), 100, replace=False))
+    names_100 = get_class_names(Namespace(dataset_name="imagenet_100"))
+    assert names_100[:5] == [names[i] for i in subset[:5]]
+    assert names_100 == [names[i] for i in subset]
+    assert get_class_names(Namespace(dataset_name="imagenet_1k", class_names="tidy"))[7] == "rooster"
+
+
+def test_shipped_imagenet_names_match_reference_file():
+    shared = Path(config.REPO_ROOT).parent / "shared" / "reference" / "class_names" / "imagenet_classes.txt"
+    if not shared.is_file():
+        pytest.skip(f"{shared} is absent")
+    assert (Path(config.REPO_ROOT) / "data" / "imagenet_classes.txt").read_bytes() == shared.read_bytes()
+
+
+def test_class_names_flag():
+    assert params.parse_args(["--device", "cpu"]).class_names == "reference"
+    assert params.parse_args(["--device", "cpu", "--class_names", "tidy"]).class_names == "tidy"
+    with pytest.raises(SystemExit):
+        params.parse_args(["--device", "cpu", "--class_names", "pretty"])
 
 
 def test_test_split_disjoint_and_complete(loaded):

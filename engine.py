@@ -101,13 +101,12 @@ class Stage:
 def train_one_epoch(stage: Stage, loader: DataLoader, position: Position, run: Run) -> bool:
     """Train from ``position`` to the end of its epoch (True) or until a stop request (False).
 
-    The epoch's sample draw and worker seeds depend on (seed, epoch) only, and the batches
-    already trained in this epoch are skipped: a resumed epoch sees exactly the batches that
-    an uninterrupted one would.
+    The epoch's draw and every sample's augmentation depend on (seed, epoch, position) only,
+    and the batches already trained in this epoch are skipped: a resumed epoch sees exactly
+    the batches that an uninterrupted one would, whatever the processes and loader workers.
     """
     args, device = run.args, run.device
     loader.sampler.set_epoch(position.epoch, skip=position.step_in_epoch * loader.batch_size)
-    loader.generator.manual_seed(args.seed * 100_003 + position.epoch)
     n_steps = len(loader) + position.step_in_epoch
     if args.max_steps_per_epoch:
         n_steps = min(n_steps, args.max_steps_per_epoch)

@@ -8,6 +8,7 @@ and refuses invalid values (exit code 2, naming the flag) before any work is don
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -154,6 +155,9 @@ def find_problem(args: argparse.Namespace) -> str | None:
     checks = [
         (0 < args.prop_train_labels <= 1, "--prop_train_labels must be in (0, 1]"),
         (args.batch_size >= 2, "--batch_size must be at least 2 (two views per sample are paired)"),
+        (args.batch_size % world_size() == 0,
+         f"--batch_size {args.batch_size} is the global batch: it must be a multiple of the "
+         f"{world_size()} processes"),
         (args.epochs >= 1 and args.tes_epochs >= 1, "--epochs and --tes_epochs must be >= 1"),
         (args.n_words >= 1, "--n_words must be >= 1"),
         (0 <= args.word_drop < 1, "--word_drop must be in [0, 1)"),
@@ -174,6 +178,11 @@ def find_problem(args: argparse.Namespace) -> str | None:
     ]
     problem = next((message for ok, message in checks if not ok), None)
     return problem or grad_from_block_problem(args)
+
+
+def world_size() -> int:
+    """Processes of this run (torchrun sets WORLD_SIZE), known before they connect."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def valid_metric_name(name: str) -> bool:

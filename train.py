@@ -28,7 +28,7 @@ from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, cla
                    format_parameter_summary, get_tokenizer, load_clip, vision_image_size)
 from params import ARCHITECTURE_FLAGS, parse_args
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, seed_everything
-from util.dist import barrier, cleanup_distributed, init_distributed, wrap_ddp
+from util.dist import barrier, cleanup_distributed, gather_views, init_distributed, wrap_ddp
 from util.logging_utils import environment_info, get_logger, save_json
 from util.runs import Run, find_tes_checkpoint, start_run
 
@@ -89,7 +89,8 @@ def stage1(run: Run, clip, data: Loaders) -> Path | None:
 
     def loss_fn(images, labels, labelled, epoch):
         f, t = net(images)
-        return tes_loss(f, t, logit_scale, labels, labelled, class_text)
+        b = gather_views({"f": f, "t": t, "labels": labels, "labelled": labelled}, run.info)
+        return tes_loss(b["f"], b["t"], logit_scale, b["labels"], b["labelled"], class_text)
 
     optim = sgd_cosine(model.trainable_parameters(), args.tes_lr, args.tes_epochs, args)
     stage = Stage("tes", model, loss_fn, *optim, args.tes_epochs, checkpoint_meta(args))
@@ -116,7 +117,8 @@ def stage2(run: Run, clip, tes_path: Path, data: Loaders) -> dict | None:
                            final_temp=args.teacher_temp, warmup_epochs=args.warmup_teacher_temp_epochs)
 
     def loss_fn(images, labels, labelled, epoch):
-        return get_loss(net(images), labels, labelled, teacher_temp(epoch), sup_weight=args.sup_weight,
+        b = gather_views({**net(images), "labels": labels, "labelled": labelled}, run.info)
+        return get_loss(b, b["labels"], b["labelled"], teacher_temp(epoch), sup_weight=args.sup_weight,
                         memax_weight=args.memax_weight, cico_weight=args.cico_weight)
 
     meta = {**checkpoint_meta(args), **{key: getattr(args, key) for key in ARCHITECTURE_FLAGS}}

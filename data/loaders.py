@@ -18,9 +18,31 @@ from util.logging_utils import get_logger
 SKIPPED_IMAGES = "skipped_images.txt"
 
 
+class SeededSamples(Dataset):
+    """``dataset[index]`` for the sampler's ``(index, seed)`` items, with torch's generator
+    seeded by ``seed`` while the sample is loaded: its augmentation depends on the sample's
+    seed alone, not on the process or loader worker that loads it. The generator of the
+    caller is left as it was."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)  # the CPU generator alone: 30x faster
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+
+
 @dataclass
 class Loaders:
-    train: DataLoader           # batches of (views, label, uq_idx, is_labelled)
+    train: DataLoader           # this process's part of each global batch: (views, label, uq_idx, is_labelled)
     unlabelled: DataLoader      # the unlabelled training images, test transform
     test: DataLoader            # the test split
     class_names: list[str]      # class_names[t]: name of remapped target t
@@ -37,23 +59,18 @@ def build_loaders(args: Namespace, image_size: int, info: DistInfo, run_dir: Pat
     train_set, test_set, unlabelled_set, _ = get_datasets(args.dataset_name, TwoViews(train_tf), test_tf, args)
     if args.skip_bad_images:
         skip_bad_images([train_set, test_set, unlabelled_set], run_dir / SKIPPED_IMAGES)
-    per_rank_batch = args.batch_size // info.world_size
-    if per_rank_batch < 2:
-        raise ValueError(f"--batch_size {args.batch_size} over {info.world_size} processes leaves "
-                         "fewer than 2 samples per process; raise --batch_size")
-    sampler = WeightedEpochSampler(train_sample_weights(train_set), len(train_set), args.seed,
+    sampler = WeightedEpochSampler(train_sample_weights(train_set), args.batch_size, args.seed,
                                    info.rank, info.world_size)
-    if len(sampler) < per_rank_batch:
+    if len(sampler) == 0:
         raise ValueError(f"the training set of {args.dataset_name} has {len(train_set)} images, "
                          f"fewer than one batch ({args.batch_size}); lower --batch_size")
     cuda = args.device.startswith("cuda")
     # Persistent workers keep their RNG across epochs, which breaks bit-exact resume: only
     # where speed matters (CUDA).
-    common = dict(batch_size=per_rank_batch, num_workers=args.num_workers, pin_memory=cuda,
-                  persistent_workers=cuda and args.num_workers > 0)
-    # A loader-owned generator, re-seeded every epoch by the engine, fixes the worker seeds
-    # and leaves the global RNG untouched when an epoch starts (exact resume).
-    train = DataLoader(train_set, sampler=sampler, drop_last=True, generator=torch.Generator(), **common)
+    common = dict(batch_size=args.batch_size // info.world_size, num_workers=args.num_workers,
+                  pin_memory=cuda, persistent_workers=cuda and args.num_workers > 0)
+    # A loader-owned generator: starting an epoch's iterator leaves the global RNG untouched.
+    train = DataLoader(SeededSamples(train_set), sampler=sampler, generator=torch.Generator(), **common)
 
     def eval_loader(dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, sampler=ShardSampler(len(dataset), info.rank, info.world_size), **common)

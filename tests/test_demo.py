@@ -34,8 +34,8 @@ def chance_accuracy(y_true: np.ndarray, trials: int = 20) -> float:
 
 
 def test_short_demo_beats_chance_clearly(tmp_path):
-    # 8 stage-2 epochs instead of 60, evaluated once at the end (~15 s on one core): visual
-    # All reaches ~0.35; the full demo reaches ~0.70.
+    # 8 stage-2 epochs instead of 60, evaluated once at the end (~18 s on one core): visual
+    # All reaches ~0.36; the full demo reaches ~0.77.
     metrics = train.main(demo_flags() + ["--tes_epochs", "1", "--epochs", "8", "--eval_every", "8",
                                          "--exp_root", str(tmp_path), "--no-progress"])
     args = get_class_splits(Namespace(dataset_name="digits", data_root=None, prop_train_labels=0.5))

@@ -1,49 +1,78 @@
-"""The training sampler of util/dist.py: the weighted draw of one process, shared out
-between processes, reproducible per epoch, and resumable mid-epoch."""
+"""The training sampler of util/dist.py: the weighted draw of one process, the same global
+batches shared out between processes, per-sample augmentation seeds, mid-epoch resume."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
 
 from util.dist import ShardSampler, WeightedEpochSampler
 
-WEIGHTS = torch.tensor([1.0] * 10 + [0.25] * 40, dtype=torch.float64)  # 10 labelled, 40 unlabelled
+WEIGHTS = torch.tensor([1.0] * 10 + [0.25] * 41, dtype=torch.float64)  # 10 labelled, 41 unlabelled
 
 
-def draw(sampler, epoch: int, skip: int = 0) -> list[int]:
+def draw(sampler, epoch: int, skip: int = 0) -> list[tuple[int, int]]:
     sampler.set_epoch(epoch, skip=skip)
     return list(sampler)
 
 
+def batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def test_one_process_is_weighted_random_sampler_with_the_epoch_generator():
-    sampler = WeightedEpochSampler(WEIGHTS, num_samples=50, seed=3)
+    sampler = WeightedEpochSampler(WEIGHTS, batch_size=8, seed=3)
     for epoch in (0, 1, 7):
         gen = torch.Generator().manual_seed(3 * 100_003 + epoch)
-        expected = list(WeightedRandomSampler(WEIGHTS, 50, replacement=True, generator=gen))
-        assert draw(sampler, epoch) == expected
+        expected = list(WeightedRandomSampler(WEIGHTS, 51, replacement=True, generator=gen))
+        indices = [index for index, _ in draw(sampler, epoch)]
+        assert indices == expected[:48]  # 6 whole batches of 8; the last 3 are dropped
     assert draw(sampler, 0) != draw(sampler, 1)  # reshuffled every epoch
 
 
-def test_ranks_share_out_the_single_process_draw():
-    single = draw(WeightedEpochSampler(WEIGHTS, 50, seed=0), epoch=2)
-    shards = [draw(WeightedEpochSampler(WEIGHTS, 50, seed=0, rank=r, world_size=3), epoch=2)
-              for r in range(3)]
-    assert [len(s) for s in shards] == [17, 17, 16]
-    interleaved = [shards[i % 3][i // 3] for i in range(50)]
-    assert interleaved == single
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_processes_share_out_the_same_global_batches(world_size):
+    single = batches(draw(WeightedEpochSampler(WEIGHTS, 8, seed=0), epoch=2), 8)
+    shards = [batches(draw(WeightedEpochSampler(WEIGHTS, 8, 0, r, world_size), epoch=2), 8 // world_size)
+              for r in range(world_size)]
+    assert len({len(s) for s in shards}) == 1  # every process runs the same number of steps
+    for step, global_batch in enumerate(single):
+        assert sum((shard[step] for shard in shards), []) == global_batch  # indices and seeds
+
+
+def test_a_size_that_used_to_give_unequal_shards_gives_equal_steps():
+    # 27 samples over 2 processes used to be shards of 14 and 13: with 7 per step, 2 steps on
+    # one process and 1 on the other, and the collectives of the extra step never returned.
+    weights = torch.ones(27, dtype=torch.float64)
+    lengths = [len(WeightedEpochSampler(weights, 14, 0, r, 2)) for r in range(2)]
+    assert lengths == [7, 7]
+
+
+def test_augmentation_seeds_follow_seed_epoch_and_position_only():
+    items = draw(WeightedEpochSampler(WEIGHTS, 8, seed=0), epoch=0)
+    seeds = [seed for _, seed in items]
+    assert len(set(seeds)) == len(seeds)  # a sample drawn twice is augmented twice differently
+    other_epoch = {seed for _, seed in draw(WeightedEpochSampler(WEIGHTS, 8, seed=0), epoch=1)}
+    other_seed = {seed for _, seed in draw(WeightedEpochSampler(WEIGHTS, 8, seed=1), epoch=0)}
+    assert not other_epoch & set(seeds) and not other_seed & set(seeds)
 
 
 def test_labelled_and_unlabelled_are_balanced_in_expectation():
-    sampler = WeightedEpochSampler(WEIGHTS, 50, seed=0)
-    labelled = sum(sum(i < 10 for i in draw(sampler, e)) for e in range(200))
-    assert abs(labelled / (200 * 50) - 0.5) < 0.02  # total weight 10 vs 40 * 0.25 = 10
+    sampler = WeightedEpochSampler(WEIGHTS, 51, seed=0)
+    labelled = sum(sum(i < 10 for i, _ in draw(sampler, e)) for e in range(200))
+    assert abs(labelled / (200 * 51) - 0.5) < 0.02  # total weight 10 vs 41 * 0.25 = 10.25
 
 
 def test_skip_resumes_mid_epoch_and_len_follows():
-    sampler = WeightedEpochSampler(WEIGHTS, 50, seed=1, rank=1, world_size=2)
+    sampler = WeightedEpochSampler(WEIGHTS, 8, seed=1, rank=1, world_size=2)
     full = draw(sampler, 4)
     assert draw(sampler, 4, skip=8) == full[8:]
     assert len(sampler) == len(full) - 8
+
+
+def test_global_batch_must_divide_among_the_processes():
+    with pytest.raises(ValueError, match="--batch_size"):
+        WeightedEpochSampler(WEIGHTS, 9, seed=0, rank=0, world_size=2)
 
 
 def test_shards_for_evaluation_cover_each_index_once():

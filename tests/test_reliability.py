@@ -18,7 +18,7 @@ import torch
 import train
 from engine import NonFiniteLossError
 from data.data_utils import ImageLoadError
-from tests.data_fixtures import make_fixture
+from tests.data_fixtures import make_fixture, split_lists, write_cub
 from tests.helpers import run_dirs, tiny_argv, trainable_weights
 from util.checkpoint import CheckpointError
 
@@ -47,17 +47,28 @@ def final_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "final_metrics.json").read_text())
 
 
-def test_torchrun_two_processes_matches_single_process_evaluation(tmp_path, cub_root):
-    argv = tiny_argv(tmp_path, cub_root, "--epochs", "1", exp_name="ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+def torchrun(argv: list[str], processes: int = 2) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(REPO / "train.py"), *argv]
     result = subprocess.run(cmd, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_torchrun_two_processes_matches_single_process_evaluation(tmp_path, tmp_path_factory):
+    # 27 training images: over 2 processes they used to be shards of 14 and 13, so with a
+    # global batch of 14 one process ran 2 steps and the other 1, and the run hung. Now both
+    # run the same single step of 7 samples each.
+    root = tmp_path_factory.mktemp("cub27")
+    old, new = split_lists("cub")
+    write_cub(root, old[:5] + new[:4], n_train=3, n_test=1)
+    argv = tiny_argv(tmp_path, root, "--epochs", "1", "--batch_size", "14", exp_name="ddp")
+    torchrun(argv)
     (run_dir,) = run_dirs(tmp_path, "ddp")  # one folder: rank 0 alone writes
     ddp = final_metrics(run_dir)
-    # Every sample evaluated exactly once across the two ranks: 18 unlabelled, 12 test images.
-    assert ddp["train_unlabelled/n_samples"] == 18 and ddp["test/n_samples"] == 12
-    single = train.main(tiny_argv(tmp_path, cub_root, "--stage", "eval", "--eval_checkpoint",
+    # Every sample evaluated exactly once across the two ranks: 15 - 7 labelled old-class
+    # images + 12 new-class ones unlabelled, 9 test images.
+    assert ddp["train_unlabelled/n_samples"] == 20 and ddp["test/n_samples"] == 9
+    single = train.main(tiny_argv(tmp_path, root, "--stage", "eval", "--eval_checkpoint",
                                   str(run_dir / "last.pt"), exp_name="eval"))
     assert single == ddp
 

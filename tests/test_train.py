@@ -88,9 +88,13 @@ def interrupt_at_call(monkeypatch, call: int) -> None:
     monkeypatch.setattr(train, "get_loss", loss_then_signal)
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, cub_root, monkeypatch):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, cub_root, monkeypatch, workers):
     argv = tiny_argv(tmp_path, cub_root, "--epochs", "3", "--word_drop", "0.5")
     reference = train.main(argv + ["--exp_name", "full"])
+    # Each sample's augmentation follows its own seed: loader workers change nothing, and a
+    # run resumed mid-epoch with workers is exact too.
+    argv += ["--num_workers", workers]
 
     # 24 images / batch 8 = 3 steps per epoch: call 5 is the second step of epoch 1.
     interrupt_at_call(monkeypatch, 5)
@@ -139,3 +143,13 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, cub_root, capsys, flags
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "cub").exists()  # refused before a run folder was made
+
+
+def test_global_batch_not_divisible_by_the_processes_is_refused(tmp_path, cub_root, capsys,
+                                                                monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node 3 sets it
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_argv(tmp_path, cub_root, "--batch_size", "8"))
+    assert exit_info.value.code == 2
+    assert "--batch_size 8 is the global batch: it must be a multiple of the 3" in capsys.readouterr().err
+    assert not (tmp_path / "cub").exists()

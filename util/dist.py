@@ -75,39 +75,53 @@ def barrier() -> None:
         dist.barrier()
 
 
-class WeightedEpochSampler(Sampler[int]):
-    """The GCD training sampler, shardable across processes.
+class WeightedEpochSampler(Sampler[tuple[int, int]]):
+    """The GCD training sampler: the same global batches whatever the number of processes.
 
-    Each epoch draws ``num_samples`` indices with replacement in proportion to ``weights``
+    Each epoch draws ``len(weights)`` indices with replacement in proportion to ``weights``
     (labelled samples weight 1, unlabelled ones n_labelled / n_unlabelled), as
-    ``WeightedRandomSampler`` does, from a generator seeded by ``(seed, epoch)`` and so
-    identical on every rank; rank r then takes every world_size-th index starting at r. With
-    one process this is exactly ``WeightedRandomSampler`` with that generator.
+    ``WeightedRandomSampler`` does, from a generator seeded by ``(seed, epoch)``, so identical
+    on every process. Global batch i is draw[i·B : (i+1)·B] (the incomplete last batch is
+    dropped); process r takes the r-th of its world_size equal slices, so every process runs
+    the same number of steps and the slices of all processes, in rank order, are one
+    process's batch.
+
+    Items are ``(index, sample_seed)``: the seed of the sample's augmentation, a function of
+    (seed, epoch, position in the draw) only (see ``data.loaders.SeededSamples``).
     """
 
-    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, weights: torch.Tensor, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        """batch_size: the global batch B, a multiple of world_size."""
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} must be divisible by the "
+                             f"{world_size} processes (flag --batch_size)")
         self.weights = weights.double()
-        self.num_samples = num_samples
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.skip = 0
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's draw; ``skip`` drops this rank's first indices, so a run resumed
-        mid-epoch sees exactly the batches it had not trained on yet."""
-        self.epoch = epoch
-        self.skip = skip
+        """Select the epoch's draw; ``skip`` drops this process's first samples, so a run
+        resumed mid-epoch sees exactly the batches it had not trained on yet."""
+        self.epoch, self.skip = epoch, skip
 
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        draw = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen)
-        return iter(draw[self.rank::self.world_size][self.skip:].tolist())
+    def positions(self) -> torch.Tensor:
+        """This process's positions in the epoch's draw, in order (before ``skip``)."""
+        steps = len(self.weights) // self.batch_size
+        per_rank = self.batch_size // self.world_size
+        return torch.arange(steps * self.batch_size).view(steps, self.world_size, per_rank)[:, self.rank].flatten()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch_seed = self.seed * 100_003 + self.epoch
+        draw = torch.multinomial(self.weights, len(self.weights), replacement=True,
+                                 generator=torch.Generator().manual_seed(epoch_seed))
+        positions = self.positions()[self.skip:].tolist()
+        # Distinct for every (seed, epoch, position) of datasets up to 2^32 samples.
+        return iter([(int(draw[p]), (epoch_seed << 32) + p) for p in positions])
 
     def __len__(self) -> int:
-        return max(0, len(range(self.rank, self.num_samples, self.world_size)) - self.skip)
+        return max(0, len(self.positions()) - self.skip)
 
 
 class ShardSampler(Sampler[int]):
@@ -122,6 +136,46 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather with a gradient, on any backend: [n, ...] -> [world_size, n, ...]; the
+    backward sums every process's gradient of the result and keeps this process's part."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def gather_views(batch: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:
+    """The rows of the global batch on every process, in one process's order.
+
+    Each tensor holds this process's 2b rows (view 1 then view 2 of its b samples); each
+    result holds the 2B = 2·world_size·b rows of the global batch: view 1 of the samples of
+    every process in rank order, then view 2, which is what one process has for that batch.
+    Every process then computes the loss of the whole batch; float tensors keep their
+    gradient, whose backward sums the processes' gradients, so that after DDP's average
+    each parameter has the one-process gradient. Labels and masks come along (no gradient).
+    """
+    if not info.enabled:
+        return batch
+    rows = next(iter(batch.values())).shape[0]
+    columns = [value.reshape(rows, -1).float() for value in batch.values()]  # exact for labels
+    gathered = _GatherRows.apply(torch.cat(columns, dim=1))                  # [N, 2b, D]
+    n, _, width = gathered.shape
+    # [N, view, b, D] -> [view, N, b, D]: view-major, then rank order.
+    global_rows = gathered.view(n, 2, rows // 2, width).transpose(0, 1).reshape(n * rows, width)
+    parts = global_rows.split([c.shape[1] for c in columns], dim=1)
+    return {key: part.reshape(n * rows, *value.shape[1:]).to(value.dtype)
+            for (key, value), part in zip(batch.items(), parts)}
 
 
 def gather_predictions(local: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:

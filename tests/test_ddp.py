@@ -1,0 +1,117 @@
+"""N processes compute the loss of one process (GET_SPEC §4, "Precision and several
+processes"): two Gloo processes on the CPU, each with half of one fixed global batch, give
+the loss terms of a single process on the whole batch, and after DistributedDataParallel's
+average the same gradient of every trainable parameter, in both stages."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+import pytest
+import torch.multiprocessing as mp
+
+import model
+import train
+from methods.get import get_loss
+from methods.tes import tes_loss
+from tests.test_demo import demo_flags
+from tests.test_reliability import free_port, torchrun
+from util.dist import DistInfo, gather_views, wrap_ddp
+
+B, K, WORLD = 6, 6, 2  # global batch (samples), classes, processes
+
+
+def global_batch() -> dict[str, torch.Tensor]:
+    """2B rows, view 1 of the B samples then view 2; some labelled rows of repeated classes."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 4, 2, 5]).repeat(2)
+    labelled = torch.tensor([True, True, True, False, True, False]).repeat(2)
+    return {"images": torch.randn(2 * B, 3, 32, 32, generator=gen), "labels": labels,
+            "labelled": labelled}
+
+
+def rows_of(rank: int, world: int) -> torch.Tensor:
+    """Row indices of process ``rank``'s share: its slice of view 1, then of view 2."""
+    per = B // world
+    first = torch.arange(rank * per, (rank + 1) * per)
+    return torch.cat([first, first + B])
+
+
+def build(stage: int) -> model._PartlyTrainable:
+    torch.manual_seed(0)
+    clip = model.load_clip("GET-tiny", pretrained=None)
+    torch.manual_seed(1)
+    tes = model.TextEmbeddingSynthesizer(clip)
+    if stage == 1:
+        return model.TESStage(clip, tes)
+    torch.manual_seed(2)
+    return model.GETModel(clip, tes, K, grad_from_block=2)
+
+
+def stage_loss(stage: int, net, batch: dict, info: DistInfo):
+    """The loss of train.py's stage ``stage`` on this process's rows (gathered if several)."""
+    if stage == 1:
+        f, t = net(batch["images"])
+        rows = gather_views({"f": f, "t": t, "labels": batch["labels"],
+                             "labelled": batch["labelled"]}, info)
+        class_text = torch.nn.functional.normalize(
+            torch.randn(K, 32, generator=torch.Generator().manual_seed(5)), dim=-1)
+        return tes_loss(rows["f"], rows["t"], 100.0, rows["labels"], rows["labelled"], class_text)
+    rows = gather_views({**net(batch["images"]), "labels": batch["labels"],
+                         "labelled": batch["labelled"]}, info)
+    return get_loss(rows, rows["labels"], rows["labelled"], teacher_temp=0.05, memax_weight=2.0)
+
+
+def step(stage: int, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Loss terms and trainable-parameter gradients of one step."""
+    net = build(stage)
+    batch = {k: v[rows_of(info.rank, info.world_size)] for k, v in global_batch().items()}
+    ddp = wrap_ddp(net, info)  # held until after backward: its hooks average the gradients
+    loss, parts = stage_loss(stage, ddp, batch, info)
+    loss.backward()
+    grads = {f"grad/{n}": p.grad for n, p in net.named_parameters() if p.grad is not None}
+    return {"loss/total": loss.detach(), **{f"loss/{k}": v for k, v in parts.items()}, **grads}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        info = DistInfo(rank=rank, world_size=WORLD, local_rank=rank)
+        torch.save({stage: step(stage, info) for stage in (1, 2)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path):
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for stage in (1, 2):
+        single = step(stage, DistInfo())
+        assert any(k.startswith("grad/") for k in single)
+        for rank in range(WORLD):
+            ddp = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[stage]
+            assert ddp.keys() == single.keys()
+            for key, value in single.items():
+                torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=f"{stage} {key}")
+
+
+def epoch_losses(run_dir) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["stage"], r["epoch"]): r["loss"] for r in records}
+
+
+def test_two_process_demo_run_logs_the_losses_of_one_process(tmp_path):
+    flags = demo_flags() + ["--tes_epochs", "1", "--epochs", "1", "--max_steps_per_epoch", "3",
+                            "--exp_root", str(tmp_path), "--no-progress"]
+    torchrun(flags + ["--exp_name", "two"])
+    train.main(flags + ["--exp_name", "one"])
+    (two,), (one,) = (list((tmp_path / "digits").glob(f"{name}-*")) for name in ("two", "one"))
+    two_losses, one_losses = epoch_losses(two), epoch_losses(one)
+    assert two_losses.keys() == one_losses.keys() == {("tes", 0), ("get", 0)}
+    for key, losses in one_losses.items():
+        assert two_losses[key].keys() == losses.keys()
+        for term, value in losses.items():
+            assert two_losses[key][term] == pytest.approx(value, rel=1e-4), (key, term)

@@ -21,13 +21,12 @@ from tqdm import tqdm
 from data.data_utils import count_skipped_images
 from data.loaders import SKIPPED_IMAGES
 from params import HEADS, SPLITS
-from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, rng_state, set_rng_state
+from util.checkpoint import LAST_CHECKPOINT, atomic_save, rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
 from util.dist import any_rank, barrier, gather_predictions
 from util.logging_utils import get_logger, save_json
 from util.runs import Run
 
-LAST_CHECKPOINT = {"tes": "tes_last.pt", "get": "last.pt"}
 # (images [2B, 3, H, W], labels [2B], labelled [2B] bool, epoch) -> (loss, {term: value})
 LossFn = Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, dict[str, Tensor]]]
 
@@ -87,15 +86,13 @@ class Stage:
                      "rng": rng_state(), "args": json.loads(json.dumps(vars(args), default=str)),
                      **self.extra}, path)
 
-    def restore(self, path: Path) -> Position:
-        ckpt = load_checkpoint(path, expect=self.meta)
-        if ckpt.get("stage") != self.name:
-            raise CheckpointError(f"{path} is a '{ckpt.get('stage')}' checkpoint, expected '{self.name}'")
-        self.model.load_trainable_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
-        return Position(**ckpt["loop"])
+    def restore(self, checkpoint: dict) -> Position:
+        """Continue from a checkpoint of this stage (already read and validated by --resume)."""
+        self.model.load_trainable_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_state(checkpoint["rng"])
+        return Position(**checkpoint["loop"])
 
 
 def train_one_epoch(stage: Stage, loader: DataLoader, position: Position, run: Run) -> bool:
@@ -153,18 +150,23 @@ def check_loss(stage: Stage, position: Position, terms: dict[str, Tensor],
             f"non-finite loss in stage '{stage.name}' at epoch {position.epoch}, step "
             f"{position.step_in_epoch} (global step {position.global_step}): "
             + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            + f". The last good checkpoint {run.dir / stage.last_name} was left untouched.")
+            + (f". The last good checkpoint {run.dir / stage.last_name} was left untouched."
+               if (run.dir / stage.last_name).is_file() else
+               f". No checkpoint of stage '{stage.name}' had been written yet."))
     return values, stopping
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run) -> dict[str, float] | None:
     """Hungarian-matched All/Old/New accuracy of the visual, text and fused predictions on the
-    images of ``loader`` (gathered from every process), and their number."""
+    images of ``loader`` (gathered from every process), and their number; None when a stop
+    was requested meanwhile (the evaluation is abandoned)."""
     model.eval()
     local = {k: [] for k in ("index", "target", *HEADS)}
     for images, targets, uq_idx in tqdm(loader, leave=False,
                                         disable=not (run.args.progress and run.info.is_main)):
+        if any_rank(run.stop.requested, device=run.device)[0]:
+            return None
         out = model.predict(images.to(run.device, non_blocking=True))
         local["visual"].append(out["v_logits"].argmax(1).cpu())
         local["text"].append(out["t_logits"].argmax(1).cpu())
@@ -182,10 +184,16 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run)
 
 
 def evaluate_splits(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int,
-                    run: Run) -> dict[str, float]:
-    """``evaluate`` on each split: {'<split>/<head>/<all|old|new>': accuracy, ...}."""
-    return {f"{split}/{key}": value for split, loader in loaders.items()
-            for key, value in evaluate(model, loader, num_old, run).items()}
+                    run: Run) -> dict[str, float] | None:
+    """``evaluate`` on each split: {'<split>/<head>/<all|old|new>': accuracy, ...}; None when
+    a stop was requested."""
+    metrics = {}
+    for split, loader in loaders.items():
+        result = evaluate(model, loader, num_old, run)
+        if result is None:
+            return None
+        metrics.update({f"{split}/{key}": value for key, value in result.items()})
+    return metrics
 
 
 def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import pickle
 import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
+
+from util.checkpoint import CheckpointError
 
 TINY_MODEL_NAME = "GET-tiny"
 _MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -58,15 +61,17 @@ _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # --------------------------------------------------------------------------------------------
 
 def _register_tiny_clip() -> None:
-    """Register ``GET-tiny`` (``model_configs/GET-tiny.json``) with open_clip; idempotent.
+    """Register the configs of ``model_configs/`` with open_clip; idempotent.
 
-    Called once, when this module is imported. A 4-block ViT (32x32 images, patch 8, width 64)
-    and a 2-block text transformer with the real CLIP vocabulary and tokenizer, embedding size
-    32. It has no pretrained weights: its random init follows the global torch RNG, so seed
-    torch before ``load_clip`` for identical models.
+    Called once, when this module is imported. ``GET-tiny``: a 4-block ViT (32x32 images,
+    patch 8, width 64) and a 2-block text transformer with the real CLIP vocabulary and
+    tokenizer, embedding size 32; no pretrained weights (its random init follows the global
+    torch RNG, so seed torch before ``load_clip`` for identical models). ``GET-tiny-digits``:
+    the same ViT with a narrower text tower (width 32, 16 tokens), the architecture of the
+    demo's pretrained weights ``weights/GET-tiny-digits.pt`` (scripts/pretrain_tiny_clip.py).
     """
     if TINY_MODEL_NAME not in open_clip.list_models():
-        open_clip.add_model_config(_MODEL_CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
+        open_clip.add_model_config(_MODEL_CONFIG_DIR)
 
 
 _register_tiny_clip()
@@ -122,11 +127,17 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | None = "openai",
     model_name = model_name.replace("/", "-")
     vision_depth(model_name)  # clear error for unknown or non-ViT architectures
     checkpoint, quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
-    jit_archive = checkpoint is not None and _is_torchscript_archive(checkpoint)
-    clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
-                                  precision="fp32", device=device, force_quick_gelu=quick_gelu)
-    if jit_archive:
-        _load_torchscript_weights(clip, checkpoint)
+    try:
+        jit_archive = checkpoint is not None and _is_torchscript_archive(checkpoint)
+        clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
+                                      precision="fp32", device=device, force_quick_gelu=quick_gelu)
+        if jit_archive:
+            _load_torchscript_weights(clip, checkpoint)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise CheckpointError(
+            f"--pretrained: could not read the CLIP weights in {checkpoint} ({type(err).__name__}: "
+            f"{err}). The file may be truncated or not a {model_name} checkpoint; download it "
+            "again or pass another file") from err
     check_supported_clip(clip)
     clip.requires_grad_(False)
     return clip.eval()
@@ -142,7 +153,7 @@ def _resolve_pretrained(model_name: str, pretrained: str | None,
         try:
             path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
         except (OSError, RuntimeError) as err:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"could not download the CLIP weights {model_name} / {pretrained!r} ({err}). "
                 "Without internet, download them on a connected machine and either pass the file "
                 "with --pretrained /path/to/checkpoint (an open_clip state dict or OpenAI's "

@@ -123,6 +123,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_names() -> list[str]:
+    """The destination name of every flag."""
+    return [action.dest for action in get_args_parser()._actions if action.dest != "help"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parsed flags with every default resolved; exits with a usage error on invalid input."""
     parser = get_args_parser()

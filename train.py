@@ -11,6 +11,7 @@ methods/. Everything a run writes goes to ``<exp_root>/<dataset>/<exp_name>-<tim
 """
 from __future__ import annotations
 
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -18,19 +19,22 @@ from typing import Callable
 
 import torch
 
+from data.data_utils import ImageLoadError
+from data.get_datasets import get_class_splits
 from data.loaders import Loaders, build_loaders
-from engine import (Position, Stage, checkpoint_meta, evaluate_splits, log_epoch, report,
+from engine import (NonFiniteLossError, Position, Stage, checkpoint_meta, evaluate_splits, log_epoch, report,
                     save_checkpoints, sgd_cosine, train_one_epoch)
 from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
 from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, class_text_embeddings,
                    format_parameter_summary, get_tokenizer, load_clip, vision_image_size)
-from params import ARCHITECTURE_FLAGS, parse_args
+from params import ARCHITECTURE_FLAGS, flag_names, parse_args
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, seed_everything
 from util.dist import barrier, cleanup_distributed, gather_views, init_distributed, wrap_ddp
-from util.logging_utils import environment_info, get_logger, save_json
-from util.runs import Run, find_tes_checkpoint, start_run
+from util.logging_utils import get_logger, setup_logging
+from util.resume import Resume, find_resume
+from util.runs import Run, RunLockedError, find_tes_checkpoint, new_run_dir, open_run
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,49 +42,55 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     info = init_distributed(args.device)
     args.device = info.device(args.device)
+    setup_logging(None, info.is_main)
     try:
-        with start_run(args, info) as run:
-            return run_stages(run)
+        # Every input is checked, the dataset first, before the run folder is made or touched.
+        get_class_splits(args)
+        resume = find_resume(args, checkpoint_meta(args), flag_names())
+        run_dir = resume.run_dir if resume else new_run_dir(args, info)
+        data = build_loaders(args, vision_image_size(args.clip_model), info, run_dir)
+        clip = build_clip(args)
+        with open_run(args, info, run_dir, resume) as run:
+            return run_stages(run, clip, data, resume)
     finally:
         cleanup_distributed()
 
 
-def run_stages(run: Run) -> dict:
-    """Build the data and CLIP, then evaluate a checkpoint or train the stages in turn."""
+def run_stages(run: Run, clip, data: Loaders, resume: Resume | None) -> dict:
+    """Evaluate a checkpoint, or train the stages in turn from where the run is."""
     args = run.args
-    # The data first: a missing dataset is reported before minutes of CLIP loading.
-    data = build_loaders(args, vision_image_size(args.clip_model), run.info, run.dir)
-    clip = build_clip(run)
     if args.stage == "eval":
         return report(evaluate_checkpoint(run, clip, data), run, f"accuracy of {args.eval_checkpoint}",
                       "eval_metrics.json")
-    tes_path = find_tes_checkpoint(args, run.dir) if args.stage == "get" else stage1(run, clip, data)
-    if tes_path is None or args.stage == "tes":
+    if resume and resume.stage == "get":
+        projector = resume.checkpoint["tes_projector"]
+    elif args.stage == "get":
+        projector = stage1_result(run, find_tes_checkpoint(args, run.dir))
+    else:
+        projector = stage1(run, clip, data, resume.checkpoint if resume else None)
+    if projector is None or args.stage == "tes":
         return {}
-    metrics = stage2(run, clip, tes_path, data)
+    metrics = stage2(run, clip, projector, data, resume.checkpoint if resume and resume.stage == "get" else None)
     return {} if metrics is None else report(metrics, run, "final accuracy", "final_metrics.json")
 
 
-def build_clip(run: Run) -> torch.nn.Module:
-    """The frozen CLIP; records the run's set-up (config.json, environment.json) and seeds."""
-    args = run.args
+def build_clip(args) -> torch.nn.Module:
+    """The frozen CLIP, then every generator seeded for stage 1."""
     # Seeding before CLIP is built makes a randomly initialised CLIP identical in every process
     # and in a resumed run; pretrained weights are loaded, not drawn.
     seed_everything(args.seed)
     clip = load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
-    if run.info.is_main:
-        save_json(vars(args), run.dir / "config.json")
-        save_json(environment_info(Path(__file__).resolve().parent), run.dir / "environment.json")
     seed_everything(args.seed)
     return clip
 
 
-def stage1(run: Run, clip, data: Loaders) -> Path | None:
-    """Stage 1 (GET_SPEC §3): train the TES projector; the path of ``tes.pt`` (None if stopped)."""
+def stage1(run: Run, clip, data: Loaders, checkpoint: dict | None) -> dict | None:
+    """Stage 1 (GET_SPEC §3): train the TES projector, from ``checkpoint`` if resumed; the
+    projector's weights, saved as ``tes.pt`` (None if stopped)."""
     args, out = run.args, run.dir / "tes.pt"
     if out.is_file():
         get_logger().info("stage 1 already finished in this run: using %s", out)
-        return out
+        return stage1_result(run, out)
     model = TESStage(clip, TextEmbeddingSynthesizer(clip, args.n_words, args.word_drop), amp=args.amp)
     net = wrap_ddp(model.to(run.device), run.info)
     old_names = data.class_names[:args.num_labeled_classes]
@@ -94,25 +104,33 @@ def stage1(run: Run, clip, data: Loaders) -> Path | None:
 
     optim = sgd_cosine(model.trainable_parameters(), args.tes_lr, args.tes_epochs, args)
     stage = Stage("tes", model, loss_fn, *optim, args.tes_epochs, checkpoint_meta(args))
-    if fit(stage, data, run) is None:
+    if fit(stage, data, run, checkpoint) is None:
         return None
     if run.info.is_main:
         atomic_save({"meta": stage.meta, "projector": model.tes.projector.state_dict()}, out)
     get_logger().info("stage 1 done: TES saved to %s", out)
     barrier()
-    return out
+    return model.tes.projector.state_dict()
 
 
-def stage2(run: Run, clip, tes_path: Path, data: Loaders) -> dict | None:
-    """Stage 2 (GET_SPEC §4): train the dual-branch model; its final metrics (None if stopped)."""
+def stage1_result(run: Run, path: Path) -> dict:
+    """The projector of a stage-1 checkpoint; the run folder keeps a copy for any resume."""
+    tes_ckpt = load_checkpoint(path, expect=checkpoint_meta(run.args))
+    get_logger().info("stage 2: TES from %s", path)
+    if run.info.is_main and path.resolve() != (run.dir / "tes.pt").resolve():
+        atomic_save(tes_ckpt, run.dir / "tes.pt")
+    return tes_ckpt["projector"]
+
+
+def stage2(run: Run, clip, projector: dict, data: Loaders, checkpoint: dict | None) -> dict | None:
+    """Stage 2 (GET_SPEC §4): train the dual-branch model, from ``checkpoint`` if resumed;
+    its final metrics (None if stopped)."""
     args = run.args
-    tes_ckpt = load_checkpoint(tes_path, expect=checkpoint_meta(args))
-    get_logger().info("stage 2: TES from %s", tes_path)
-    if run.info.is_main and tes_path.resolve() != (run.dir / "tes.pt").resolve():
-        atomic_save(tes_ckpt, run.dir / "tes.pt")  # the run keeps its TES, for any resume
-    model = build_get_model(args, clip, tes_ckpt["projector"])
+    # Stage 2 starts from the same random state whatever happened after stage 1 (a kill
+    # before its first checkpoint, a separate --stage get run).
+    seed_everything(args.seed + 1)
+    model = build_get_model(args, clip, projector)
     net = wrap_ddp(torch.compile(model) if args.compile else model, run.info)
-
     teacher_temp = partial(teacher_temperature, warmup_temp=args.warmup_teacher_temp,
                            final_temp=args.teacher_temp, warmup_epochs=args.warmup_teacher_temp_epochs)
 
@@ -127,33 +145,33 @@ def stage2(run: Run, clip, tes_path: Path, data: Loaders) -> dict | None:
                   extra={"tes_projector": model.tes.projector.state_dict()},
                   schedule=lambda epoch: {"teacher_temp": teacher_temp(epoch)})
     evaluate_model = partial(evaluate_splits, model, data.eval_splits, args.num_labeled_classes, run)
-    metrics = fit(stage, data, run, evaluate_model)
+    metrics = fit(stage, data, run, checkpoint, evaluate_model)
     # Resumed after the last epoch: nothing left to train, evaluate the finished model.
     return evaluate_model() if metrics == {} else metrics
 
 
-def fit(stage: Stage, data: Loaders, run: Run, evaluate_model: Callable[[], dict] | None = None):
-    """Resume ``stage``, then for each epoch: train, evaluate (every --eval_every epochs and
-    the last), log, checkpoint. Returns the last evaluation ({} when no epoch was left to
-    train), None when stopped on request."""
-    log, last = get_logger(), run.dir / stage.last_name
-    position = stage.restore(last) if last.is_file() else Position()
-    if position.epoch or position.step_in_epoch:
-        log.info("stage %s: resuming from %s at epoch %d, step %d", stage.name, last,
-                 position.epoch, position.step_in_epoch)
+def fit(stage: Stage, data: Loaders, run: Run, checkpoint: dict | None,
+        evaluate_model: Callable[[], dict | None] | None = None) -> dict | None:
+    """From ``checkpoint`` (or the start), for each epoch: train, evaluate (every --eval_every
+    epochs and the last), log, checkpoint. Returns the last evaluation ({} when no epoch was
+    left to train), None when stopped on request (the state saved to resume from)."""
+    log = get_logger()
+    position = stage.restore(checkpoint) if checkpoint else Position()
     log.info("parameters:\n%s", format_parameter_summary(stage.model.parameter_summary()))
     metrics = {}
     while position.epoch < stage.epochs:
         start = time.time()
-        if not train_one_epoch(stage, data.train, position, run):
+        due = (position.epoch + 1) % run.args.eval_every == 0 or position.epoch + 1 == stage.epochs
+        finished = train_one_epoch(stage, data.train, position, run)
+        metrics = evaluate_model() if finished and evaluate_model and due else {}
+        if not finished or metrics is None:  # a stop request, during training or evaluation
             if run.info.is_main:
-                stage.save(last, position, run.args)
-            log.warning("stopped on request; state saved to %s (resume with --resume auto)", last)
+                stage.save(run.dir / stage.last_name, position, run.args)
+            log.warning("stopped on request; state saved to %s (resume with --resume auto)",
+                        run.dir / stage.last_name)
             return None
         lr = stage.optimizer.param_groups[0]["lr"]
         stage.scheduler.step()
-        due = (position.epoch + 1) % run.args.eval_every == 0 or position.epoch + 1 == stage.epochs
-        metrics = evaluate_model() if evaluate_model and due else {}
         log_epoch(stage, position, {"lr": lr, "seconds": round(time.time() - start, 3), "eval": metrics}, run)
         position.next_epoch()
         save_checkpoints(stage, position, metrics, run)
@@ -183,5 +201,12 @@ def evaluate_checkpoint(run: Run, clip, data: Loaders) -> dict:
     return evaluate_splits(model, data.eval_splits, args.num_labeled_classes, run)
 
 
+# Errors raised on purpose for input or state the user can fix: the message says how, so it
+# is printed alone, without a traceback (log.txt has it too once the run folder exists).
+USER_ERRORS = (CheckpointError, FileNotFoundError, ImageLoadError, NonFiniteLossError, RunLockedError)
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")

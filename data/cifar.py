@@ -17,6 +17,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import torchvision
@@ -102,8 +103,13 @@ def _class_splits(name: str) -> tuple[list[int], list[int]]:
 def _download(name: str, root: Path) -> None:
     """Fetch the dataset with torchvision (opt-in: needs internet)."""
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    for train in (True, False):
-        dataset_class(root=str(root), train=train, download=True)
+    try:
+        for train in (True, False):
+            dataset_class(root=str(root), train=train, download=True)
+    except (OSError, URLError) as err:  # no network, a proxy, a full disk...
+        raise dataset_not_found(name, root, f"--download could not fetch it ({err}). Download "
+                                "the python version of the archive elsewhere and unpack it under "
+                                "the root.", _layout(name)) from err
 
 
 def _source(name: str) -> DatasetSource:

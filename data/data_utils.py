@@ -43,7 +43,7 @@ def load_image(path: str | Path, dataset_name: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ImageLoadError(
             f"Cannot read image {path} of dataset {dataset_name!r} ({error}). "
             "Replace the file or re-extract the dataset."

@@ -15,10 +15,12 @@ set is drawn with the legacy NumPy RNG seeded with 0 over the old-class
 training images in dataset order (``np.random.choice(range(n), int(prop*n),
 replace=False)``); every other training image is unlabelled.
 
-A dataset root holding only some classes (e.g. a test fixture) works: the
-class splits and K always describe the full dataset, classes without images
-are simply absent from every split, and the draw runs over the old-class
-images present, so on the full data it is exactly the reference draw.
+A dataset root with images of only some classes (e.g. a test fixture) works:
+the class splits and K always describe the full dataset, classes without
+images are simply absent from every split, and the draw runs over the
+old-class images present, so on the full data it is exactly the reference
+draw. (ImageNet and Herbarium19 still need every class folder, which tells a
+complete copy from one whose extraction stopped half-way.)
 uq_idx = position of a sample in the training set (samples of the K classes
 in dataset order); test samples are numbered within the test split.
 """

@@ -57,6 +57,11 @@ def _load_split(root: Path | None, train: bool) -> RawSplit:
         raise dataset_not_found(
             NAME, root, f"{root / split_dir} has folders that are not category ids: {unknown[:5]}.", _LAYOUT
         )
+    missing = sorted(set(class_of) - set(folders), key=int)
+    if train and missing:  # every category has training images in the real release
+        raise dataset_not_found(NAME, root, f"{root / split_dir} lacks {len(missing)} of the "
+                                f"{len(class_of)} category folders, e.g. {missing[:5]}: the copy "
+                                "is incomplete.", _LAYOUT)
     samples = make_dataset(
         root / split_dir, {f: class_of[f] for f in folders}, extensions=IMG_EXTENSIONS, allow_empty=True
     )

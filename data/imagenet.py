@@ -78,6 +78,11 @@ def _load_split(name: str, class_ids: list[int], root: Path | None, train: bool)
             "one folder per WordNet id)."
         )
         raise dataset_not_found(name, root, problem, _LAYOUT)
+    missing = sorted(set(wanted) - set(folders))
+    if missing:
+        raise dataset_not_found(name, root, f"{root / split_dir} lacks {len(missing)} of the "
+                                f"{len(wanted)} class folders of {name}, e.g. {missing[:5]}: the "
+                                "copy is incomplete.", _LAYOUT)
     class_to_idx = {f: wanted[f] for f in folders if f in wanted}
     samples = make_dataset(root / split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     return RawSplit(name, [path for path, _ in samples], np.array([t for _, t in samples], dtype=np.int64))

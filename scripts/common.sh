@@ -32,7 +32,7 @@ run_get() {
     check_dataset_root "$dataset" "$@"
     local nproc="${NPROC:-1}"
     if [ "$nproc" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
-        torchrun --nproc_per_node "$nproc" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+        "$PY" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
             --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
             train.py --dataset_name "$dataset" "$@"
     else

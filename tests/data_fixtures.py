@@ -253,9 +253,17 @@ def _write_image_folder(split_dir: Path, folders: Sequence[str], codes: Sequence
     return serial
 
 
+def _class_folders(split_dir: Path, folders: Sequence[str]) -> None:
+    """Every class folder of a complete copy (the writers fill only some of them)."""
+    for folder in folders:
+        (split_dir / folder).mkdir(parents=True, exist_ok=True)
+
+
 def write_imagenet(root: Path, classes: Sequence[int], n_train: int = 4, n_test: int = 2) -> None:
-    """train/<wnid>/ and val/<wnid>/ for ImageNet-1k class ids ``classes``."""
+    """train/<wnid>/ and val/<wnid>/ of all 1000 classes; images for class ids ``classes``."""
     wnids = _imagenet_wnids()
+    for split in ("train", "val"):
+        _class_folders(Path(root) / split, wnids)
     folders = [wnids[c] for c in classes]
     after_train = _write_image_folder(Path(root) / "train", folders, classes, n_train, 0, "{folder}_{k:04d}.JPEG")
     val_pattern = "ILSVRC2012_val_{folder}{k:04d}.JPEG"
@@ -263,7 +271,9 @@ def write_imagenet(root: Path, classes: Sequence[int], n_train: int = 4, n_test:
 
 
 def write_herbarium_19(root: Path, categories: Sequence[int], n_train: int = 4, n_test: int = 2) -> None:
-    """small-train/<category id>/ and small-validation/<category id>/; images encode the CATEGORY id."""
+    """small-train/<category id>/ of every category and small-validation/<category id>/;
+    images (encoding the CATEGORY id) for ``categories``."""
+    _class_folders(Path(root) / "small-train", [str(c) for c in _herbarium_names()])
     folders = [str(c) for c in categories]
     after_train = _write_image_folder(Path(root) / "small-train", folders, categories, n_train, 0, "{k:04d}.jpg")
     _write_image_folder(Path(root) / "small-validation", folders, categories, n_test, after_train, "{k:04d}.jpg")

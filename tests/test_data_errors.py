@@ -86,6 +86,21 @@ def test_incomplete_root(name, tmp_path):
     assert_names_fix(str(error.value), tmp_path / ESSENTIAL[name], name)
 
 
+@pytest.mark.parametrize("name, split, folder", [
+    ("imagenet_1k", "train", "n15075141"),      # the last class, without any fixture image
+    ("imagenet_100", "val", None),              # a class of the subset that has images
+    ("herbarium_19", "small-train", "0"),
+])
+def test_missing_class_folder_stops_the_run(name, split, folder, tmp_path):
+    F.make_fixture(name, tmp_path, 2, 1)
+    if folder is None:
+        folder = F._imagenet_wnids()[F.default_classes(name)[0]]
+    shutil.rmtree(tmp_path / split / folder)
+    with pytest.raises(DatasetNotFoundError, match=rf"lacks 1 of the .* e\.g\. \['{folder}'\]") as error:
+        get_datasets(name, None, None, args_for(name, tmp_path))
+    assert_names_fix(str(error.value), tmp_path / split, name)
+
+
 @pytest.mark.parametrize("name", sorted(NAMES_FILE))
 def test_missing_class_names_file(name, tmp_path):
     F.make_fixture(name, tmp_path, 2, 1)

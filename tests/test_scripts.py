@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_reliability import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"cifar10": "GET_CIFAR10_ROOT", "cifar100": "GET_CIFAR100_ROOT",
            "imagenet100": "GET_IMAGENET_ROOT", "imagenet1k": "GET_IMAGENET_ROOT",
@@ -32,12 +34,14 @@ def test_missing_dataset_stops_the_script_with_the_fix(tmp_path, name, variable)
     assert "--data_root" in result.stderr
 
 
-def test_extra_arguments_reach_train_py(tmp_path, cub_root):
+def test_extra_arguments_reach_train_py_on_two_processes(tmp_path, cub_root):
+    # NPROC=2 runs torchrun through the environment's Python: no torchrun on PATH is needed.
     result = run_script("cub", "--data_root", str(cub_root), "--clip_model", "GET-tiny",
                         "--pretrained", "none", "--grad_from_block", "3", "--device", "cpu",
                         "--num_workers", "0",
                         "--batch_size", "8", "--tes_epochs", "1", "--epochs", "1",
-                        "--exp_root", str(tmp_path), "--no-progress")
+                        "--exp_root", str(tmp_path), "--no-progress",
+                        NPROC="2", PATH="/usr/bin:/bin", MASTER_PORT=str(free_port()))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (run_dir,) = (tmp_path / "cub").glob("get-*")
     config = (run_dir / "config.json").read_text()

@@ -7,6 +7,7 @@ leaves either the previous complete checkpoint or the new complete one, never a 
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import tempfile
@@ -21,21 +22,52 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or belongs to another experiment set-up."""
 
 
+# File name of each stage's latest full state in a run folder.
+LAST_CHECKPOINT = {"tes": "tes_last.pt", "get": "last.pt"}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Mapping[str, Any], path: str | Path) -> None:
-    """Write ``obj`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``obj`` to ``path`` through a temporary file and ``os.replace``, with the mode
+    of any new file (the umask's); a failed write leaves ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: others could not read it
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except OSError as err:
+        _remove(tmp)
+        if err.errno == errno.ENOSPC:
+            raise CheckpointError(f"no space left on the disk of {path} while saving it; the "
+                                  "previous version of the file is intact. Free some space and "
+                                  "resume with --resume auto") from err
         raise
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that killed ``atomic_save`` calls left in ``folder``."""
+    stale = sorted(folder.glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, expect: Mapping[str, Any] | None = None) -> dict:

@@ -2,21 +2,28 @@
 resumes, where stage 2 finds the stage-1 checkpoint, and the stop request of a run."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import socket
 from argparse import Namespace
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 import config
-from util.checkpoint import CheckpointError
+from util.checkpoint import CheckpointError, remove_stale_temporaries
 from util.dist import DistInfo, barrier, broadcast_object
-from util.logging_utils import RunLogger, get_logger, setup_logging
+from util.logging_utils import (RunLogger, environment_info, get_logger, save_json, setup_logging,
+                                truncate_logs)
+
+if TYPE_CHECKING:
+    from util.resume import Resume
 
 
 def experiment_dir(args: Namespace) -> Path:
@@ -32,33 +39,10 @@ def latest_run(args: Namespace, *needs: str) -> Path | None:
     return found[-1] if found else None
 
 
-def make_run_dir(args: Namespace, info: DistInfo) -> Path:
-    """The folder of the run being resumed, or a new timestamped one; exists on return."""
-    run_dir = resumed_run_dir(args)
-    if run_dir is None:
-        stamp = broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S-%f"), info)
-        run_dir = experiment_dir(args) / f"{args.exp_name}-{stamp}"
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()  # the folder exists before any process writes into it
-    return run_dir
-
-
-def resumed_run_dir(args: Namespace) -> Path | None:
-    """The folder ``--resume`` points at; None for a fresh run (``auto`` with nothing to resume
-    becomes one, and ``args.resume`` is cleared so the log says so)."""
-    if args.resume == "auto":
-        run = latest_run(args, "last.pt", "tes_last.pt")
-        if run is None:
-            args.resume = None
-        return run
-    if args.resume:
-        path = Path(args.resume)
-        if not path.is_file():
-            raise CheckpointError(f"--resume {path}: no such checkpoint file (expected a last.pt "
-                                  "or tes_last.pt written by train.py, or 'auto')")
-        return path.parent
-    return None
+def new_run_dir(args: Namespace, info: DistInfo) -> Path:
+    """A new timestamped folder's path (the same on every process); nothing is created."""
+    stamp = broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S-%f"), info)
+    return experiment_dir(args) / f"{args.exp_name}-{stamp}"
 
 
 def find_tes_checkpoint(args: Namespace, run_dir: Path) -> Path:
@@ -77,7 +61,8 @@ def find_tes_checkpoint(args: Namespace, run_dir: Path) -> Path:
 
 
 class StopSignal:
-    """SIGINT/SIGTERM ask the loop to finish its step, save ``last.pt`` and exit cleanly."""
+    """SIGINT/SIGTERM ask the run to finish its training step (or abandon its evaluation),
+    save its state and exit cleanly; a second one exits at once."""
 
     def __init__(self):
         self.requested = False
@@ -92,8 +77,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: exit now (a checkpoint being written is dropped)
+            raise SystemExit(128 + signum)
         self.requested = True
-        get_logger().warning("received signal %d: stopping after the current step", signum)
+        get_logger().warning("received signal %d: stopping after the current step (a second "
+                             "signal exits at once)", signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -115,14 +103,102 @@ class Run:
 
 
 @contextmanager
-def start_run(args: Namespace, info: DistInfo) -> Iterator[Run]:
-    """The run: its folder (new, or the one resumed), its log file, TensorBoard writer and
-    SIGINT/SIGTERM handler, all closed again when it ends."""
-    run_dir = make_run_dir(args, info)
-    setup_logging(run_dir / "log.txt", info.is_main).info("run folder: %s", run_dir)
-    with StopSignal() as stop:
+def open_run(args: Namespace, info: DistInfo, run_dir: Path, resume: Resume | None) -> Iterator[Run]:
+    """The run, once every input is valid: its folder created (or the resumed one locked and
+    cut back to the resume point), its log file, TensorBoard writer and SIGINT/SIGTERM
+    handler; a failure is logged to ``log.txt`` before it propagates."""
+    log = get_logger()
+    with RunLock(run_dir, info) as lock, StopSignal() as stop:
+        setup_logging(run_dir / "log.txt", info.is_main).info("run folder: %s", run_dir)
+        if lock.taken_over:
+            log.warning("took over the lock of process %s, which is no longer running", lock.taken_over)
+        if info.is_main:
+            record_start(args, run_dir, resume)
+        barrier()
         run = Run(args, info, run_dir, RunLogger(run_dir, enabled=info.is_main), stop)
         try:
             yield run
+        except BaseException as err:
+            log.error("run stopped: %s: %s", type(err).__name__, err)
+            raise
         finally:
             run.logger.close()
+
+
+def record_start(args: Namespace, run_dir: Path, resume: Resume | None) -> None:
+    """A new run writes its flags and environment; a resume keeps them, cuts the logs back to
+    its checkpoint and appends what it changed to ``resumes.jsonl``."""
+    for stale in remove_stale_temporaries(run_dir):
+        get_logger().info("removed %s, left by an interrupted checkpoint write", stale.name)
+    environment = environment_info(Path(__file__).resolve().parents[1])
+    if resume is None:
+        if args.resume == "auto":
+            get_logger().warning("--resume auto: no run of --exp_name %s under %s to resume; "
+                                 "this is a new run", args.exp_name, experiment_dir(args))
+        save_json(vars(args), run_dir / "config.json")
+        save_json(environment, run_dir / "environment.json")
+        return
+    loop = resume.checkpoint["loop"]
+    truncate_logs(run_dir, resume.stage, loop["epoch"], loop["global_step"])
+    get_logger().info("resuming stage %s from %s at epoch %d, step %d%s", resume.stage, resume.path,
+                      loop["epoch"], loop["step_in_epoch"],
+                      "".join(f"; --{k} {old} -> {new}" for k, (old, new) in resume.changed.items()))
+    record = {"time": datetime.now().isoformat(timespec="seconds"), "from": str(resume.path),
+              "stage": resume.stage, "epoch": loop["epoch"], "step_in_epoch": loop["step_in_epoch"],
+              "changed": resume.changed, "environment": environment}
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing to this run folder."""
+
+
+class RunLock:
+    """``run.lock`` in the run folder, held by the main process while it runs: a second
+    process is refused, naming the holder; a lock whose process is dead is taken over."""
+
+    def __init__(self, run_dir: Path, info: DistInfo):
+        self.path, self.held = run_dir / "run.lock", info.is_main
+        self.taken_over = None  # the pid of a dead holder whose lock was taken over
+
+    def __enter__(self) -> RunLock:
+        if self.held:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while not self._create():
+                self._refuse_or_clear()
+        barrier()
+        return self
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return True
+
+    def _refuse_or_clear(self) -> None:
+        pid, host = (self.path.read_text().split() + ["0", ""])[:2]
+        if host == socket.gethostname() and not _alive(int(pid)):
+            self.taken_over = pid
+            self.path.unlink(missing_ok=True)
+            return
+        raise RunLockedError(f"{self.path.parent} is in use by process {pid} on {host} (lock file "
+                             f"{self.path}); wait for it to finish, or start a new run with another "
+                             "--exp_name. If that process is gone, delete the lock file.")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True

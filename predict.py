@@ -1,0 +1,310 @@
+"""Cluster new images with a trained GET model and name the clusters.
+
+    python predict.py --checkpoint RUN/last.pt --images DIR --out predictions.csv
+    python predict.py --checkpoint RUN/last.pt --images DIR --out predictions.csv \\
+        --name_candidates names.txt          # name the new clusters from a list of words
+
+One CSV row per image file under ``--images`` (any nesting, sorted by path): the fused cluster
+and its probability, the visual and the text cluster, each with a name. A cluster matched to
+an old class carries that class's name; the matching is the Hungarian assignment between the
+model's clusters and the old classes on the labelled training images of the run's dataset (so
+the dataset must be readable, as for training). Every other cluster is ``new_<id>``.
+
+With ``--name_candidates FILE`` (one name per line) each new fused cluster is named by the
+candidate whose CLIP text embedding of the run's prompt ("a photo of a {}") is closest (cosine)
+to the mean pseudo-text embedding of the cluster's images: the output of GET's Text Embedding
+Synthesizer, which lives in CLIP's text space. The cosine goes to ``name_similarity``.
+
+The model is rebuilt from the checkpoint's flags; the CLIP weights come from the run's
+``--pretrained`` unless this script's ``--pretrained`` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data.augmentations import get_transforms
+from data.data_utils import ImageLoadError, load_image
+from data.get_datasets import get_class_names, get_class_splits, get_datasets
+from model import (GETModel, HeadConfig, TextEmbeddingSynthesizer, class_text_embeddings, get_tokenizer,
+                   load_clip, vision_image_size)
+from params import ARCHITECTURE_FLAGS, HEADS
+from util.checkpoint import CheckpointError, load_checkpoint, seed_everything
+from util.logging_utils import get_logger, setup_logging
+
+
+class InputError(ValueError):
+    """A flag's value that cannot be used; the message names the flag."""
+
+
+# File types read as images (lower case); anything else under --images is ignored.
+IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                              ".ppm", ".pgm", ".pbm"))
+COLUMNS = ("path", "fused_cluster", "fused_prob", "fused_kind", "fused_name", "name_similarity",
+           "visual_cluster", "visual_name", "text_cluster", "text_name")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Predict clusters of a folder of images with a stage-2 GET "
+                                "checkpoint; write one CSV row per image.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="stage-2 checkpoint of a run (last.pt or best.pt)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", default="predictions.csv", help="CSV file to write")
+    p.add_argument("--name_candidates", default=None,
+                   help="text file, one candidate name per line: names the new clusters")
+    p.add_argument("--prompt_template", default=None,
+                   help="prompt of the candidate names (default: the run's --prompt_template)")
+    p.add_argument("--pretrained", default=None,
+                   help="CLIP weights (open_clip tag, file or 'none'); default: the run's")
+    p.add_argument("--clip_cache_dir", default=None, help="open_clip download cache; default: the run's")
+    p.add_argument("--data_root", default=None,
+                   help="the run's dataset folder, for its labelled images; default: the run's")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast of the CLIP encoders (default: on with CUDA)")
+    p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=4, help="image-loading processes")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bars (default: only when attached to a terminal)")
+    return p
+
+
+class ImageFiles(Dataset):
+    """Image files with the test transform: item (image [3, H, W], position)."""
+
+    def __init__(self, paths: list[Path], transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.transform(load_image(self.paths[index], "predict.py --images")), index
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Write the predictions CSV; returns its path."""
+    opts = get_args_parser().parse_args(argv)
+    setup_logging(None)
+    log = get_logger()
+    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} asked for, but CUDA is not available; use --device cpu")
+    progress = sys.stderr.isatty() if opts.progress is None else opts.progress
+    # Every input is checked before the model is built.
+    image_root, paths = find_images(opts.images)
+    candidates = read_candidates(opts.name_candidates) if opts.name_candidates else None
+    if opts.prompt_template is not None and "{}" not in opts.prompt_template:
+        raise InputError(f"--prompt_template {opts.prompt_template!r} needs a '{{}}' for the name")
+    ckpt = read_stage2_checkpoint(opts.checkpoint)
+    args = run_args(ckpt, opts, device)
+    num_classes, class_names = ckpt["meta"]["num_classes"], get_class_names(args)
+    _, test_tf = get_transforms(image_size=vision_image_size(args.clip_model), normalization=args.normalization)
+    labelled = get_datasets(args.dataset_name, test_tf, test_tf, args)[3]["train_labelled"]
+    loader_opts = dict(batch_size=opts.batch_size, num_workers=opts.num_workers,
+                       pin_memory=device.startswith("cuda"))
+
+    model = build_model(ckpt, args)
+    log.info("matching clusters to the %d old classes on %d labelled images of %s", args.num_labeled_classes,
+             len(labelled), args.dataset_name)
+    on_labelled = predict_clusters(model, DataLoader(labelled, **loader_opts), device, progress, "labelled")
+    matches = {head: match_old_classes(on_labelled[head], on_labelled["target"], num_classes,
+                                       args.num_labeled_classes) for head in HEADS}
+    names = {head: cluster_names(matches[head], class_names, num_classes) for head in HEADS}
+
+    log.info("predicting %d images of %s", len(paths), image_root)
+    pred = predict_clusters(model, DataLoader(ImageFiles(paths, test_tf), **loader_opts), device, progress,
+                            "images", with_tes=candidates is not None)
+    similarity: dict[int, float] = {}
+    if candidates is not None:
+        text = class_text_embeddings(model.clip, get_tokenizer(args.clip_model), candidates,
+                                     opts.prompt_template or args.prompt_template).cpu()
+        new_clusters = sorted(set(pred["fused"].tolist()) - set(matches["fused"]))
+        for cluster, (name, sim) in name_by_candidates(pred["tes"], pred["fused"], new_clusters, text,
+                                                       candidates).items():
+            names["fused"][cluster], similarity[cluster] = name, sim
+
+    out = Path(opts.out)
+    write_csv(out, [p.relative_to(image_root).as_posix() for p in paths], pred, names, matches["fused"],
+              similarity)
+    log.info("clusters of the %d images (fused):\n%s", len(paths),
+             cluster_summary(pred["fused"], names["fused"], matches["fused"], similarity))
+    log.info("wrote %d predictions to %s", len(paths), out)
+    return out
+
+
+def find_images(folder: str) -> tuple[Path, list[Path]]:
+    """(the folder, its image files at any depth, sorted); hidden files are skipped."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    paths = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"--images {folder}: no image file in this folder or below "
+                                "(looked for .jpg, .jpeg, .png, .webp, ... at any depth)")
+    return root, paths
+
+
+def read_candidates(path: str) -> list[str]:
+    """The distinct non-blank lines of ``path``, in order."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--name_candidates {path}: no such file")
+    names = list(dict.fromkeys(line.strip() for line in file.read_text(encoding="utf-8").splitlines()))
+    names = [name for name in names if name]
+    if not names:
+        raise InputError(f"--name_candidates {path} holds no name (one candidate name per line)")
+    return names
+
+
+def read_stage2_checkpoint(path: str) -> dict:
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != "get" or "tes_projector" not in ckpt:
+        raise CheckpointError(f"--checkpoint {path} is not a stage-2 checkpoint: pass last.pt or best.pt of "
+                              "a run that trained stage 2 (tes.pt and tes_last.pt hold stage 1 only)")
+    if not isinstance(ckpt.get("args"), dict):
+        raise CheckpointError(f"--checkpoint {path} does not carry the flags of its run ('args')")
+    return ckpt
+
+
+def run_args(ckpt: dict, opts: Namespace, device: str) -> Namespace:
+    """The run's flags, with this script's overrides, and its class split checked against the
+    checkpoint's."""
+    args = Namespace(**ckpt["args"])
+    for key in ("pretrained", "clip_cache_dir", "data_root"):
+        if getattr(opts, key) is not None:
+            setattr(args, key, getattr(opts, key))
+    args.device = device
+    args.amp = device.startswith("cuda") if opts.amp is None else opts.amp
+    args.download = False
+    args.checkpoint = opts.checkpoint
+    get_class_splits(args)
+    meta = ckpt["meta"]
+    found = (args.num_labeled_classes, args.num_labeled_classes + args.num_unlabeled_classes)
+    if found != (meta["num_old"], meta["num_classes"]):
+        raise CheckpointError(f"--checkpoint {opts.checkpoint} has {meta['num_old']} old of {meta['num_classes']} "
+                              f"classes, but {args.dataset_name}'s split here has {found[0]} of {found[1]}")
+    return args
+
+
+def build_model(ckpt: dict, args: Namespace) -> GETModel:
+    """The run's stage-2 model with the checkpoint's weights, in eval mode."""
+    # As train.py: seeding before CLIP is built reproduces a randomly initialised CLIP.
+    seed_everything(args.seed)
+    clip = load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
+    meta = ckpt["meta"]
+    tes = TextEmbeddingSynthesizer(clip, n_words=meta["n_words"])
+    tes.projector.load_state_dict(ckpt["tes_projector"])
+    arch = {key: meta[key] for key in ARCHITECTURE_FLAGS}
+    head = HeadConfig(arch["shared_head"], arch["head_hidden_dim"], arch["head_bottleneck_dim"])
+    model = GETModel(clip, tes, meta["num_classes"], arch["grad_from_block"], arch["use_projection"], head,
+                     amp=args.amp)
+    try:
+        model.load_trainable_state_dict(ckpt["model"])
+    except ValueError as err:
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: {err}") from err
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_clusters(model: GETModel, loader: DataLoader, device: str, progress: bool, desc: str,
+                     with_tes: bool = False) -> dict[str, np.ndarray]:
+    """Cluster ids per head ('visual', 'text', 'fused': int [N]), 'fused_prob' [N], the second
+    item of each sample as 'target' [N] (labels, or positions) and with ``with_tes`` the TES
+    outputs 'tes' float32 [N, embed_dim]."""
+    parts: dict[str, list] = {key: [] for key in (*HEADS, "fused_prob", "target", "tes")}
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        images = batch[0].to(device)
+        out = model.predict(images)
+        prob, fused = out["fused_probs"].max(dim=1)
+        parts["visual"].append(out["v_logits"].argmax(1).cpu())
+        parts["text"].append(out["t_logits"].argmax(1).cpu())
+        parts["fused"].append(fused.cpu())
+        parts["fused_prob"].append(prob.cpu())
+        parts["target"].append(torch.as_tensor(batch[1]))
+        if with_tes:
+            parts["tes"].append(model.encode(images)[1].float().cpu())
+    return {key: torch.cat(value).numpy() for key, value in parts.items() if value}
+
+
+def match_old_classes(clusters: np.ndarray, labels: np.ndarray, num_clusters: int, num_old: int) -> dict[int, int]:
+    """{cluster: old class}: the one-to-one assignment of old classes to clusters that
+    maximises the number of labelled images whose cluster is matched to their class
+    (Hungarian, scipy's ``linear_sum_assignment``). A class assigned to a cluster that holds
+    none of its images is left unmatched.
+
+    clusters: int [N] predicted cluster of each labelled image; labels: int [N] in [0, num_old).
+    """
+    counts = np.zeros((num_clusters, num_old), dtype=np.int64)
+    np.add.at(counts, (clusters, labels), 1)
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return {int(r): int(c) for r, c in zip(rows, cols) if counts[r, c] > 0}
+
+
+def cluster_names(matches: dict[int, int], class_names: list[str], num_clusters: int) -> dict[int, str]:
+    """Name of every cluster: its matched old class's, else new_<id>."""
+    return {c: class_names[matches[c]] if c in matches else f"new_{c}" for c in range(num_clusters)}
+
+
+def name_by_candidates(tes_out: np.ndarray, clusters: np.ndarray, to_name: list[int], text: Tensor,
+                       candidates: list[str]) -> dict[int, tuple[str, float]]:
+    """{cluster: (candidate, cosine)} for each cluster of ``to_name``: the candidate whose text
+    embedding is closest to the mean of the cluster's L2-normalised TES outputs.
+
+    tes_out: [N, D] TES outputs; clusters: int [N]; text: [M, D] normalised embeddings of the
+    M candidates' prompts.
+    """
+    feats = F.normalize(torch.as_tensor(tes_out, dtype=torch.float32), dim=-1)
+    named = {}
+    for cluster in to_name:
+        mean = F.normalize(feats[torch.as_tensor(clusters == cluster)].mean(dim=0), dim=0)
+        sims = text.float() @ mean
+        best = int(sims.argmax())
+        named[cluster] = (candidates[best], float(sims[best]))
+    return named
+
+
+def write_csv(out: Path, rel_paths: list[str], pred: dict[str, np.ndarray], names: dict[str, dict[int, str]],
+              fused_matches: dict[int, int], similarity: dict[int, float]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for i, path in enumerate(rel_paths):
+            fused, visual, text = int(pred["fused"][i]), int(pred["visual"][i]), int(pred["text"][i])
+            sim = f"{similarity[fused]:.4f}" if fused in similarity else ""
+            writer.writerow([path, fused, f"{pred['fused_prob'][i]:.4f}",
+                             "old" if fused in fused_matches else "new", names["fused"][fused], sim,
+                             visual, names["visual"][visual], text, names["text"][text]])
+
+
+def cluster_summary(clusters: np.ndarray, names: dict[int, str], matches: dict[int, int],
+                    similarity: dict[int, float]) -> str:
+    """One line per cluster that received images: id, old/new, name, images, similarity."""
+    ids, counts = np.unique(clusters, return_counts=True)
+    return "\n".join(f"    cluster {c:>4d}  {'old' if c in matches else 'new'}  {n:>6d} images  {names[c]}"
+                     + (f"  (similarity {similarity[c]:.3f})" if c in similarity else "")
+                     for c, n in zip(ids.tolist(), counts.tolist()))
+
+
+# Errors of input the user can fix: the message says how, so it is printed without a traceback.
+USER_ERRORS = (CheckpointError, FileNotFoundError, ImageLoadError, InputError)
+
+if __name__ == "__main__":
+    try:
+        main()
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,321 @@
+"""Gather finished GET runs into paper-style tables: All / Old / New, mean ± std over seeds.
+
+    python report.py outputs/cub outputs/cifar100            # tables of every finished run below
+    python report.py outputs --split test --plots            # inductive split; learning curves too
+
+Runs are the folders holding ``config.json``; a finished run also holds ``final_metrics.json``
+(the others are counted and skipped). Runs are grouped by dataset and experiment, the
+``--exp_name`` without the ``-seed<N>`` that scripts/run_seeds.sh appends, and summarised per
+head (visual, text, fused) as mean ± sample standard deviation (n - 1) over the runs, in %,
+beside the published GET All accuracy of the dataset (``--published``, a CSV with its source).
+
+Writes ``<out_dir>/results.md`` (also printed) and ``<out_dir>/results.csv``; with ``--plots``,
+``<out_dir>/plots/<dataset>_<experiment>.png``: All / Old / New per head over the epochs of
+``metrics.jsonl`` (mean over the runs, shaded ± std), one row per evaluated split.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from params import HEADS, SPLITS
+from util.resume import CHANGEABLE_ON_RESUME
+
+PUBLISHED = Path(__file__).resolve().parent / "docs" / "published_results.csv"
+GROUPS = ("all", "old", "new")
+# Flags that may differ between the runs of one experiment without making them different
+# experiments: the seed, and where / how each ran.
+PER_RUN_FLAGS = frozenset({"seed", *CHANGEABLE_ON_RESUME})
+CSV_COLUMNS = ("dataset", "experiment", "split", "head", "runs", "seeds", "all_mean", "all_std", "old_mean",
+               "old_std", "new_mean", "new_std", "published_all", "published_source")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Tables (and curves) of finished GET runs: All/Old/New, "
+                                "mean ± std over seeds, beside the published numbers.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("paths", nargs="+", help="run folders, or folders searched for run folders")
+    p.add_argument("--split", default="train_unlabelled", choices=SPLITS,
+                   help="train_unlabelled: the transductive protocol papers report; test: inductive")
+    p.add_argument("--out_dir", default="report", help="where results.md, results.csv and plots/ go")
+    p.add_argument("--published", default=str(PUBLISHED),
+                   help="CSV of published All accuracy (columns dataset, all, source)")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=False,
+                   help="also draw All/Old/New per head over epochs (needs matplotlib)")
+    return p
+
+
+class ReportError(ValueError):
+    """An input file that cannot be used; the message names it."""
+
+
+@dataclass
+class RunRecord:
+    dir: Path
+    config: dict
+    final: dict
+
+    @property
+    def dataset(self) -> str:
+        return self.config["dataset_name"]
+
+    @property
+    def experiment(self) -> str:
+        return experiment_name(self.config["exp_name"])
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+
+def experiment_name(exp_name: str) -> str:
+    """The experiment a run belongs to: its --exp_name without a trailing -seed<N>."""
+    return re.sub(r"-seed\d+$", "", exp_name)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Write the report; returns its CSV rows."""
+    opts = get_args_parser().parse_args(argv)
+    finished, unfinished = find_runs(opts.paths)
+    runs = [run for run in finished if f"{opts.split}/fused/all" in run.final]
+    if not runs:
+        raise FileNotFoundError(f"no finished run with {opts.split} metrics (final_metrics.json) under "
+                                + ", ".join(opts.paths) + f"; {unfinished} run folder(s) without one")
+    groups = group_runs(runs)
+    published = read_published(opts.published) if opts.split == "train_unlabelled" else {}
+    rows = [row for (dataset, experiment), group in groups.items()
+            for row in summarise(group, dataset, experiment, opts.split, published.get(dataset))]
+    notes = group_notes(groups)
+    if unfinished:
+        notes.append(f"{unfinished} run folder(s) without final_metrics.json (unfinished, stage 1 only, or "
+                     "--stage eval) were left out.")
+    if len(finished) > len(runs):
+        notes.append(f"{len(finished) - len(runs)} finished run(s) without {opts.split} metrics were left out.")
+    out_dir = Path(opts.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = format_markdown(rows, opts.split, notes)
+    (out_dir / "results.md").write_text(markdown, encoding="utf-8")
+    write_csv(out_dir / "results.csv", rows)
+    print(markdown)
+    written = [out_dir / "results.md", out_dir / "results.csv"]
+    if opts.plots:
+        for (dataset, experiment), group in groups.items():
+            png = plot_group(group, dataset, experiment, out_dir / "plots")
+            if png is None:
+                print(f"no plot of {dataset} / {experiment}: no evaluated epoch in its metrics.jsonl",
+                      file=sys.stderr)
+            written += [png] if png else []
+    print("wrote " + ", ".join(map(str, written)))
+    return rows
+
+
+def find_runs(paths: list[str]) -> tuple[list[RunRecord], int]:
+    """(finished runs below ``paths``, sorted by folder; number of run folders not finished)."""
+    configs: set[Path] = set()
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        configs.update([path / "config.json"] if (path / "config.json").is_file() else path.rglob("config.json"))
+    runs, unfinished = [], 0
+    for config_file in sorted(configs):
+        config = read_json(config_file)
+        if "dataset_name" not in config or "exp_name" not in config:
+            continue  # a config.json of something else
+        final = config_file.parent / "final_metrics.json"
+        if final.is_file():
+            runs.append(RunRecord(config_file.parent, config, read_json(final)))
+        else:
+            unfinished += 1
+    return runs, unfinished
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ReportError(f"{path} is not valid JSON ({err}); repair or move that run folder") from err
+
+
+def group_runs(runs: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
+    """{(dataset, experiment): runs}, sorted by dataset then experiment."""
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault((run.dataset, run.experiment), []).append(run)
+    return dict(sorted(groups.items()))
+
+
+def read_published(path: str) -> dict[str, tuple[float, str]]:
+    """{dataset: (All accuracy in %, source)} from a CSV with columns dataset, all, source."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--published {path}: no such file")
+    with open(file, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"dataset", "all", "source"} <= set(reader.fieldnames or ()):
+            raise ReportError(f"--published {path} needs the columns dataset, all, source")
+        published = {}
+        for line, row in enumerate(reader, start=2):
+            if not (row["dataset"] or "").strip() or not (row["all"] or "").strip():
+                continue
+            try:
+                published[row["dataset"].strip()] = (float(row["all"]), (row["source"] or "").strip())
+            except ValueError as err:
+                raise ReportError(f"--published {path}, line {line}: 'all' must be a number in %, "
+                                  f"got {row['all']!r}") from err
+        return published
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summarise(runs: list[RunRecord], dataset: str, experiment: str, split: str,
+              published: tuple[float, str] | None) -> list[dict]:
+    """One CSV row per head: accuracies in %, mean and std over the runs."""
+    rows = []
+    for head in HEADS:
+        row = {"dataset": dataset, "experiment": experiment, "split": split, "head": head, "runs": len(runs),
+               "seeds": " ".join(str(s) for s in sorted(run.seed for run in runs))}
+        for group in GROUPS:
+            row[f"{group}_mean"], row[f"{group}_std"] = mean_std(
+                [100 * run.final[f"{split}/{head}/{group}"] for run in runs])
+        row["published_all"], row["published_source"] = published if published else (math.nan, "")
+        rows.append(row)
+    return rows
+
+
+def group_notes(groups: dict[tuple[str, str], list[RunRecord]]) -> list[str]:
+    """Warnings about runs grouped together that perhaps should not be: a seed twice, or flags
+    that differ (beyond the seed and where the runs ran)."""
+    notes = []
+    for (dataset, experiment), runs in groups.items():
+        seeds = [run.seed for run in runs]
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            notes.append(f"{dataset} / {experiment}: seed(s) {repeated} appear in more than one run.")
+        keys = sorted({k for run in runs for k in run.config} - PER_RUN_FLAGS)
+        differing = [k for k in keys if len({json.dumps(run.config.get(k)) for run in runs}) > 1]
+        if differing:
+            values = {k: ", ".join(sorted({json.dumps(run.config.get(k)) for run in runs})) for k in differing}
+            notes.append(f"{dataset} / {experiment}: the runs differ in "
+                         + ", ".join(f"--{k} ({v})" for k, v in values.items()))
+    return notes
+
+
+def format_cell(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def format_markdown(rows: list[dict], split: str, notes: list[str]) -> str:
+    """A table per dataset: experiment, head, runs, seeds, All, Old, New, published All."""
+    protocol = "transductive: the unlabelled training images" if split == "train_unlabelled" else \
+        "inductive: the test split"
+    lines = [f"# GET results: {split} ({protocol})", "",
+             "Accuracy in %, mean ± standard deviation (n − 1) over runs; Hungarian-matched All / Old / New.",
+             ""]
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        own = [row for row in rows if row["dataset"] == dataset]
+        lines += [f"## {dataset}", "", "| experiment | head | runs | seeds | All | Old | New | published All |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['experiment']} | {r['head']} | {r['runs']} | {r['seeds']} | "
+                  f"{format_cell(r['all_mean'], r['all_std'])} | {format_cell(r['old_mean'], r['old_std'])} | "
+                  f"{format_cell(r['new_mean'], r['new_std'])} | {format_cell(r['published_all'], math.nan)} |"
+                  for r in own]
+        sources = sorted({r["published_source"] for r in own if r["published_source"]})
+        lines += [""] + [f"Published: {source}" for source in sources] + ([""] if sources else [])
+    if notes:
+        lines += ["Notes:", ""] + [f"* {note}" for note in notes] + [""]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else
+                             (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_curves(run: RunRecord) -> dict[str, dict[int, float]]:
+    """{'<split>/<head>/<group>': {epoch (1-based): accuracy %}} of the evaluated stage-2 epochs."""
+    curves: dict[str, dict[int, float]] = {}
+    path = run.dir / "metrics.jsonl"
+    if not path.is_file():
+        return curves
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed writer
+        if record.get("stage") != "get":
+            continue
+        for key, value in record.get("eval", {}).items():
+            if key.count("/") == 2:
+                curves.setdefault(key, {})[record["epoch"] + 1] = 100 * value
+    return curves
+
+
+def plot_group(runs: list[RunRecord], dataset: str, experiment: str, folder: Path) -> Path | None:
+    """All / Old / New per head over epochs, mean over the runs and a ± std band; one row of
+    panels per split that was evaluated in some epoch. Returns the PNG's path (None: nothing
+    to draw)."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ReportError("--plots needs matplotlib: pip install matplotlib") from err
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = [read_curves(run) for run in runs]
+    splits = [s for s in SPLITS if any(key.startswith(s + "/") for c in curves for key in c)]
+    if not splits:
+        return None
+    fig, axes = plt.subplots(len(splits), len(HEADS), figsize=(4.2 * len(HEADS), 3.2 * len(splits)),
+                             squeeze=False, sharex=True, sharey=True)
+    for row, split in enumerate(splits):
+        for col, head in enumerate(HEADS):
+            ax = axes[row][col]
+            for group, colour in zip(GROUPS, ("black", "tab:blue", "tab:orange")):
+                per_run = [c.get(f"{split}/{head}/{group}", {}) for c in curves]
+                epochs = sorted({e for c in per_run for e in c})
+                stats = [mean_std([c[e] for c in per_run if e in c]) for e in epochs]
+                mean = [m for m, _ in stats]
+                std = [0.0 if math.isnan(s) else s for _, s in stats]
+                # A band for curves; an error bar for a split evaluated once (e.g. at the end only).
+                ax.errorbar(epochs, mean, yerr=std if len(epochs) == 1 else None, marker="o", markersize=3,
+                            capsize=3, color=colour, label=group.capitalize())
+                ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=colour, alpha=0.15, linewidth=0)
+            ax.set_title(f"{split} / {head}")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("accuracy (%)")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    axes[0][0].legend()
+    fig.suptitle(f"{dataset} / {experiment} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dataset}_{experiment}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ReportError) as err:
+        sys.exit(f"error: {err}")

@@ -13,6 +13,7 @@ GET_CUB_ROOT        cub                            ./datasets/cub
 GET_SCARS_ROOT      scars                          ./datasets/stanford_cars
 GET_AIRCRAFT_ROOT   aircraft                       ./datasets/fgvc-aircraft-2013b
 GET_HERB19_ROOT     herbarium_19                   ./datasets/herbarium_19
+GET_FOLDER_ROOT     folder (your own images)       ./datasets/folder
 GET_OUTPUT_ROOT     run folders                    ./outputs
 ==================  =============================  ==========================
 
@@ -43,6 +44,7 @@ DATASET_NAMES: tuple[str, ...] = (
     "aircraft",
     "herbarium_19",
     "digits",
+    "folder",  # your own images: class folders (data/folder.py)
 )
 
 # Datasets that are generated in memory and therefore read nothing from disk.
@@ -59,6 +61,7 @@ _ROOTS: dict[str, tuple[str, str]] = {
     "scars": ("SCARS", "stanford_cars"),
     "aircraft": ("AIRCRAFT", "fgvc-aircraft-2013b"),
     "herbarium_19": ("HERB19", "herbarium_19"),
+    "folder": ("FOLDER", "folder"),
 }
 
 

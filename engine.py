@@ -24,6 +24,7 @@ from params import HEADS, SPLITS
 from util.checkpoint import LAST_CHECKPOINT, atomic_save, rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
 from util.dist import any_rank, barrier, gather_predictions
+from util.eval_cache import EvalCache, frozen_batches
 from util.logging_utils import get_logger, save_json
 from util.runs import Run
 
@@ -110,71 +111,75 @@ def train_one_epoch(stage: Stage, loader: DataLoader, position: Position, run: R
     stage.model.train()
     bar = tqdm(total=n_steps, initial=position.step_in_epoch, leave=False, dynamic_ncols=True,
                desc=f"{stage.name} epoch {position.epoch}", disable=not (args.progress and run.info.is_main))
+    pending: list[Tensor] = []  # loss terms of the steps not yet brought to the host
     stopping = False
     for views, labels, _, labelled in loader:
         if position.step_in_epoch >= n_steps:
             break
-        images = torch.cat(views, dim=0).to(device, non_blocking=True)  # view 1 rows, then view 2
+        # Each view is a pinned tensor: copied while the previous step still runs.
+        images = torch.cat([view.to(device, non_blocking=True) for view in views])  # view 1, view 2
         labels = labels.to(device, non_blocking=True).repeat(2)
         labelled = labelled.to(device, non_blocking=True).bool().repeat(2)
         loss, terms = stage.loss_fn(images, labels, labelled, position.epoch)
-        values, stopping = check_loss(stage, position, {"total": loss, **terms}, run)
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stage.optimizer.step()
+        names = ["total", *terms]
+        pending.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in terms.values())]))
         position.step_in_epoch += 1
         position.global_step += 1
-        for name, value in values.items():
-            position.sums[name] = position.sums.get(name, 0.0) + value
-        run.logger.log_scalars({f"{stage.name}/loss/{k}": v for k, v in values.items()},
-                               position.global_step)
         bar.update(1)
-        bar.set_postfix(loss=f"{values['total']:.3f}")
-        if stopping:  # the step is finished: now stop
+        if len(pending) == args.log_every or position.step_in_epoch >= n_steps:
+            stopping = log_steps(stage, position, dict(zip(names, torch.stack(pending).T)), run)
+            pending = []
+            bar.set_postfix(loss=f"{position.sums['total'] / position.step_in_epoch:.3f}")
+        if stopping:
             break
     bar.close()
     return not stopping
 
 
-def check_loss(stage: Stage, position: Position, terms: dict[str, Tensor],
-               run: Run) -> tuple[dict[str, float], bool]:
-    """The loss terms as floats, and whether any process was asked to stop. Raises
-    NonFiniteLossError on every process if any process has a non-finite term."""
-    # One device-to-host copy for all terms, and one collective for both questions: every
-    # process stops together, or one would wait for the others forever.
-    values = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
-    non_finite, stopping = any_rank(
-        not all(map(math.isfinite, values.values())), run.stop.requested, device=run.device)
+def log_steps(stage: Stage, position: Position, terms: dict[str, Tensor], run: Run) -> bool:
+    """Bring the loss terms of the last steps ({term: [steps]}, on the device) to the host
+    with one copy, log them, and tell whether any process was asked to stop. Raises
+    NonFiniteLossError on every process, naming the first non-finite step and its terms,
+    if any process saw one: the run stops before any checkpoint of a non-finite state."""
+    values = torch.stack(list(terms.values()), dim=1).tolist()  # [steps][terms]
+    bad = next((i for i, row in enumerate(values) if not all(map(math.isfinite, row))), None)
+    # One collective for both questions: every process stops together, or one would wait
+    # for the others forever.
+    non_finite, stopping = any_rank(bad is not None, run.stop.requested, device=run.device)
     if non_finite:
-        raise NonFiniteLossError(
-            f"non-finite loss in stage '{stage.name}' at epoch {position.epoch}, step "
-            f"{position.step_in_epoch} (global step {position.global_step}): "
-            + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-            + (f". The last good checkpoint {run.dir / stage.last_name} was left untouched."
-               if (run.dir / stage.last_name).is_file() else
-               f". No checkpoint of stage '{stage.name}' had been written yet."))
-    return values, stopping
+        raise non_finite_error(stage, position, dict(zip(terms, values[bad or 0])),
+                               len(values) - (bad or 0), run)
+    first_step = position.global_step - len(values) + 1
+    for offset, row in enumerate(values):
+        run.logger.log_scalars({f"{stage.name}/loss/{k}": v for k, v in zip(terms, row)}, first_step + offset)
+        for name, value in zip(terms, row):
+            position.sums[name] = position.sums.get(name, 0.0) + value
+    return stopping
+
+
+def non_finite_error(stage: Stage, position: Position, values: dict[str, float], steps_back: int,
+                     run: Run) -> NonFiniteLossError:
+    last = run.dir / stage.last_name
+    return NonFiniteLossError(
+        f"non-finite loss in stage '{stage.name}' at epoch {position.epoch}, step "
+        f"{position.step_in_epoch - steps_back} (global step {position.global_step - steps_back}): "
+        + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        + (f". The last good checkpoint {last} was left untouched." if last.is_file() else
+           f". No checkpoint of stage '{stage.name}' had been written yet."))
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run) -> dict[str, float] | None:
+def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run,
+             cache: EvalCache | None = None) -> dict[str, float] | None:
     """Hungarian-matched All/Old/New accuracy of the visual, text and fused predictions on the
     images of ``loader`` (gathered from every process), and their number; None when a stop
     was requested meanwhile (the evaluation is abandoned)."""
-    model.eval()
-    local = {k: [] for k in ("index", "target", *HEADS)}
-    for images, targets, uq_idx in tqdm(loader, leave=False,
-                                        disable=not (run.args.progress and run.info.is_main)):
-        if any_rank(run.stop.requested, device=run.device)[0]:
-            return None
-        out = model.predict(images.to(run.device, non_blocking=True))
-        local["visual"].append(out["v_logits"].argmax(1).cpu())
-        local["text"].append(out["t_logits"].argmax(1).cpu())
-        local["fused"].append(out["fused_probs"].argmax(1).cpu())
-        local["target"].append(targets)
-        local["index"].append(torch.as_tensor(uq_idx))
-    preds = gather_predictions({k: torch.cat(v) if v else torch.empty(0, dtype=torch.long)
-                                for k, v in local.items()}, run.info)
+    preds = predict_split(model, loader, run, cache)
+    if preds is None:
+        return None
     y_true = preds["target"].numpy()
     metrics = {"n_samples": len(y_true)}
     for head in HEADS:
@@ -183,13 +188,35 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run)
     return metrics
 
 
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, loader: DataLoader, run: Run,
+                  cache: EvalCache | None = None) -> dict[str, Tensor] | None:
+    """The cluster of every image of ``loader`` by each head, its target and its index, in
+    sample order over all processes; None when a stop was requested meanwhile."""
+    model.eval()
+    batches = cache.batches_of(model, loader, run) if cache else frozen_batches(model, loader, run)
+    local = {k: [] for k in ("index", "target", *HEADS)}
+    for tokens, tes_out, targets, uq_idx in tqdm(batches, total=len(loader), leave=False,
+                                                 disable=not (run.args.progress and run.info.is_main)):
+        if any_rank(run.stop.requested, device=run.device)[0]:
+            return None
+        out = model.predict_from(tokens, tes_out)
+        local["visual"].append(out["v_logits"].argmax(1).cpu())
+        local["text"].append(out["t_logits"].argmax(1).cpu())
+        local["fused"].append(out["fused_probs"].argmax(1).cpu())
+        local["target"].append(targets)
+        local["index"].append(torch.as_tensor(uq_idx))
+    return gather_predictions({k: torch.cat(v) if v else torch.empty(0, dtype=torch.long)
+                               for k, v in local.items()}, run.info)
+
+
 def evaluate_splits(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int,
-                    run: Run) -> dict[str, float] | None:
+                    run: Run, caches: dict[str, EvalCache] | None = None) -> dict[str, float] | None:
     """``evaluate`` on each split: {'<split>/<head>/<all|old|new>': accuracy, ...}; None when
     a stop was requested."""
     metrics = {}
     for split, loader in loaders.items():
-        result = evaluate(model, loader, num_old, run)
+        result = evaluate(model, loader, num_old, run, (caches or {}).get(split))
         if result is None:
             return None
         metrics.update({f"{split}/{key}": value for key, value in result.items()})
@@ -221,7 +248,8 @@ def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None
 
 def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run) -> None:
     """The stage's full state after an epoch; ``best.pt`` too when ``--best_metric`` improved."""
-    value = metrics.get(run.args.best_metric)
+    # Without ground truth (folder dataset, labelled/unlabelled layout) best.pt is the last epoch.
+    value = metrics.get(run.args.best_metric) if getattr(run.args, "ground_truth", True) else position.epoch
     improved = value is not None and value > position.best
     if improved:
         position.best = value
@@ -244,6 +272,81 @@ def format_eval(metrics: dict) -> str:
 def report(metrics: dict, run: Run, title: str, file_name: str) -> dict:
     """The final metrics to the log and to ``file_name`` in the run folder."""
     get_logger().info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics))
+    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
+    if run.info.is_main:
+        save_json(metrics, run.dir / file_name)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Without ground truth: the folder dataset's labelled/unlabelled layout (data/folder.py)
+# --------------------------------------------------------------------------------------------
+
+CLUSTER_SIZES = "cluster_sizes.json"
+
+
+def evaluate_run(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int, run: Run,
+                 caches: dict[str, EvalCache] | None = None) -> dict[str, float] | None:
+    """``evaluate_splits`` of the splits that have images (a folder dataset may have no test
+    split) where the classes of the unlabelled images are known, ``describe_clusters`` where
+    they are not."""
+    loaders = {split: loader for split, loader in loaders.items() if len(loader.dataset)}
+    evaluate = evaluate_splits if getattr(run.args, "ground_truth", True) else describe_clusters
+    return evaluate(model, loaders, num_old, run, caches)
+
+
+@torch.no_grad()
+def describe_clusters(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int, run: Run,
+                      caches: dict[str, EvalCache] | None = None) -> dict[str, float] | None:
+    """What can be known when the classes of the unlabelled images are not (folder dataset,
+    labelled/unlabelled layout), for each head: the share of the unlabelled images in the old
+    classes' clusters (0..K_old-1, which the supervised loss ties to the old classes), how
+    many of the K clusters they use, and, when ``loaders`` has 'test' (there: the labelled
+    images, test transform), the accuracy on the labelled images (cluster = class, no
+    matching). The size of every cluster goes to cluster_sizes.json. None when a stop was
+    requested meanwhile."""
+    caches = caches or {}
+    unlabelled = predict_split(model, loaders["train_unlabelled"], run, caches.get("train_unlabelled"))
+    if unlabelled is None:
+        return None
+    num_classes = run.args.num_labeled_classes + run.args.num_unlabeled_classes
+    metrics: dict[str, float] = {"train_unlabelled/n_samples": len(unlabelled["index"])}
+    sizes = {head: torch.bincount(unlabelled[head], minlength=num_classes) for head in HEADS}
+    for head, size in sizes.items():
+        metrics[f"train_unlabelled/{head}/old_share"] = float(size[:num_old].sum() / max(size.sum(), 1))
+        metrics[f"train_unlabelled/{head}/clusters_used"] = int(torch.count_nonzero(size))
+    if "test" in loaders:
+        labelled = predict_split(model, loaders["test"], run, caches.get("test"))
+        if labelled is None:
+            return None
+        metrics["train_labelled/n_samples"] = len(labelled["index"])
+        for head in HEADS:
+            metrics[f"train_labelled/{head}/acc"] = float((labelled[head] == labelled["target"]).double().mean())
+    if run.info.is_main:
+        save_json({head: size.tolist() for head, size in sizes.items()}, run.dir / CLUSTER_SIZES)
+    get_logger().info("clusters of the unlabelled images (no ground truth: no accuracy; best.pt is the "
+                      "last epoch):%s\n    sizes (fused): %s", format_clusters(metrics, num_classes),
+                      " ".join(map(str, sizes["fused"].tolist())))
+    return metrics
+
+
+def format_clusters(metrics: dict, num_classes: int) -> str:
+    """One row per head of what ``describe_clusters`` measured."""
+    n = metrics["train_unlabelled/n_samples"]
+    return "".join(
+        f"\n    {head:<6} {metrics[f'train_unlabelled/{head}/old_share']:.1%} of {n} unlabelled images in "
+        f"old-class clusters, {metrics[f'train_unlabelled/{head}/clusters_used']}/{num_classes} clusters used"
+        + (f", labelled accuracy {metrics[f'train_labelled/{head}/acc']:.4f}"
+           if f"train_labelled/{head}/acc" in metrics else "") for head in HEADS)
+
+
+def report_clusters(metrics: dict, run: Run, title: str, file_name: str) -> dict:
+    """``report`` without ground truth: ``title`` and what the clusters show, to the log and
+    to ``file_name`` in the run folder."""
+    get_logger().info("%s: the unlabelled images have no ground truth, so there is no accuracy; "
+                      "their clusters:%s\n    cluster sizes: %s", title,
+                      format_clusters(metrics, run.args.num_labeled_classes + run.args.num_unlabeled_classes),
+                      run.dir / CLUSTER_SIZES)
     get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
     if run.info.is_main:
         save_json(metrics, run.dir / file_name)

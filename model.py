@@ -660,35 +660,47 @@ class GETModel(_PartlyTrainable):
             modules["text_head"] = self.text_head
         return modules
 
-    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """The CLIP part of the model, under bf16 autocast with ``amp``.
+    def frozen_part(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """What never trains in stage 2, without autograd and under bf16 autocast with ``amp``.
 
         Args:
             images: [N, 3, H, W].
 
         Returns:
-            v_feat [N, feat_dim]: the trainable encoder's CLS feature after ln_post (and the
-            visual projection with ``use_projection``); tes_out [N, embed_dim]: the TES output
-            on the frozen CLIP image embedding. Both in the encoders' precision (bf16 with amp).
+            tokens [N, L, width] after the frozen blocks [0, g); tes_out [N, embed_dim], the
+            TES output on the frozen CLIP image embedding. For the same images they never
+            change while stage 2 trains, so evaluation computes them once (engine.EvalCache).
         """
         visual = self.clip.visual
-        with clip_autocast(images.device.type, self.amp):
-            with torch.no_grad():
-                tokens = visual_trunk(visual, images, self.grad_from_block)
-                clip_emb = visual_project(visual, visual_tail(self.frozen_tail, visual.ln_post,
-                                                              tokens))
-            blocks = visual.transformer.resblocks[self.grad_from_block:]
-            v_feat = visual_tail(blocks, visual.ln_post, tokens)
+        with torch.no_grad(), clip_autocast(images.device.type, self.amp):
+            tokens = visual_trunk(visual, images, self.grad_from_block)
+            clip_emb = visual_project(visual, visual_tail(self.frozen_tail, visual.ln_post, tokens))
+            return tokens, self.tes(clip_emb)
+
+    def encode_from(self, tokens: Tensor, tes_out: Tensor) -> tuple[Tensor, Tensor]:
+        """The trainable blocks, ln_post (and the visual projection with ``use_projection``) on
+        the frozen part's outputs: (v_feat [N, feat_dim], tes_out), in the encoders' precision."""
+        visual = self.clip.visual
+        with clip_autocast(tokens.device.type, self.amp):
+            v_feat = visual_tail(visual.transformer.resblocks[self.grad_from_block:], visual.ln_post, tokens)
             if self.use_projection:
                 v_feat = visual_project(visual, v_feat)
-            return v_feat, self.tes(clip_emb)
+        return v_feat, tes_out
+
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The CLIP part of the model: (v_feat [N, feat_dim], tes_out [N, embed_dim]), in the
+        encoders' precision (bf16 with amp); the frozen trunk runs once, without autograd."""
+        return self.encode_from(*self.frozen_part(images))
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """images [N, 3, H, W] -> dict of float32 tensors: 'v_feat', 't_feat' [N, feat_dim];
         'v_proj', 't_proj' [N, bottleneck_dim] (head MLP outputs); 'v_logits', 't_logits'
         [N, K] (cosine logits). The text mapping and the heads run in fp32."""
-        v_feat, tes_out = self.encode(images)
-        with clip_autocast(images.device.type, False):
+        return self.heads(*self.encode(images))
+
+    def heads(self, v_feat: Tensor, tes_out: Tensor) -> dict[str, Tensor]:
+        """The text mapping and the head(s), in true fp32 (see ``forward``)."""
+        with clip_autocast(v_feat.device.type, False):
             v_feat = v_feat.float()
             t_feat = self.text_map(tes_out.float())
             text_head = self.text_head if self.text_head is not None else self.head
@@ -703,11 +715,21 @@ class GETModel(_PartlyTrainable):
         of softmax(logits / fuse_temperature) of both heads (1 as in the reference; 0.1 is the
         training temperature); all float32. Does not change the train/eval mode: call
         ``eval()`` first."""
-        out = self(images)
-        with clip_autocast(images.device.type, False):
-            fused = (F.softmax(out["v_logits"] / fuse_temperature, dim=-1)
-                     + F.softmax(out["t_logits"] / fuse_temperature, dim=-1)) / 2
-        return {"v_logits": out["v_logits"], "t_logits": out["t_logits"], "fused_probs": fused}
+        return fuse(self(images), fuse_temperature)
+
+    @torch.no_grad()
+    def predict_from(self, tokens: Tensor, tes_out: Tensor,
+                     fuse_temperature: float = FUSE_TEMPERATURE) -> dict[str, Tensor]:
+        """``predict`` on the outputs of ``frozen_part`` (the same computation, without it)."""
+        return fuse(self.heads(*self.encode_from(tokens, tes_out)), fuse_temperature)
+
+
+def fuse(out: dict[str, Tensor], fuse_temperature: float) -> dict[str, Tensor]:
+    """The logits of both heads and their fused prediction (see ``GETModel.predict``)."""
+    with clip_autocast(out["v_logits"].device.type, False):
+        fused = (F.softmax(out["v_logits"] / fuse_temperature, dim=-1)
+                 + F.softmax(out["t_logits"] / fuse_temperature, dim=-1)) / 2
+    return {"v_logits": out["v_logits"], "t_logits": out["t_logits"], "fused_probs": fused}
 
 
 def format_parameter_summary(rows: list[tuple[str, int, int]]) -> str:

@@ -32,9 +32,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     switch = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", default="cub", choices=config.DATASET_NAMES,
-                   help="benchmark dataset (digits: the built-in demo)")
+                   help="benchmark dataset (digits: the built-in demo; folder: your own images)")
     g.add_argument("--data_root", default=None,
                    help="dataset folder; default: the GET_<NAME>_ROOT variable or ./datasets/<name>")
+    g.add_argument("--old_classes", default=None,
+                   help="folder dataset, train/ layout: the old (labelled) classes, a file with one "
+                        "folder name per line or a comma list of folder names")
+    g.add_argument("--num_classes", type=num_classes_value, default=None,
+                   help="K, the number of clusters (old + new classes); None: the dataset's. "
+                        "'auto' estimates it first (k-means of the frozen CLIP features scored on "
+                        "the labelled images, Brent's search up to --max_classes), as the folder "
+                        "dataset's labelled/unlabelled layout does by default")
+    g.add_argument("--max_classes", type=int, default=None,
+                   help="largest K that --num_classes auto considers (None: 4 x the old "
+                        "classes, at least 20)")
     g.add_argument("--download", action=switch, default=False,
                    help="download CIFAR through torchvision if missing (CIFAR only)")
     g.add_argument("--prop_train_labels", type=float, default=0.5,
@@ -44,6 +55,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=8, help="data-loading processes per GPU/process")
     g.add_argument("--skip_bad_images", action=switch, default=False,
                    help="replace unreadable images by another sample and count them, instead of stopping")
+    g.add_argument("--image_cache", default=None, metavar="DIR",
+                   help="decode and resize every image once into a memory-mapped cache in DIR, reused "
+                        "by every epoch and later runs (same views, bit for bit); it takes the resized "
+                        "pixels' size on disk (about 1.5 GB per CUB split), printed before it is built")
 
     g = p.add_argument_group("model")
     g.add_argument("--clip_model", default="ViT-B-16", help="open_clip architecture name")
@@ -117,7 +132,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp_name", default="get", help="name of the run folders (and of --resume auto)")
     g.add_argument("--resume", default=None,
                    help="'auto' (latest run of --exp_name) or the path of a last.pt / tes_last.pt")
-    g.add_argument("--eval_every", type=int, default=1, help="evaluate every N stage-2 epochs")
+    g.add_argument("--eval_every", type=int, default=1,
+                   help="evaluate the unlabelled training images every N stage-2 epochs")
+    g.add_argument("--test_every", type=int, default=0,
+                   help="evaluate the test split every N stage-2 epochs too (0: at the end only)")
+    g.add_argument("--eval_cache_gb", type=float, default=8.0,
+                   help="memory (GiB, per split) for the frozen blocks' and the TES's outputs of "
+                        "the evaluation images, computed at the first evaluation and reused (0: off)")
+    g.add_argument("--log_every", type=int, default=10,
+                   help="bring the loss terms to the host (TensorBoard, non-finite check, stop "
+                        "requests) every N steps, not after each one (a GPU never waits)")
     g.add_argument("--progress", action=switch, default=None,
                    help="tqdm progress bars (default: only when attached to a terminal)")
     return p
@@ -137,6 +161,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if problem:
         parser.error(problem)
     return args
+
+
+def num_classes_value(text: str) -> int | str:
+    """--num_classes: a whole number >= 1, or 'auto'."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number >= 1 nor 'auto'")
+    return int(text)
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -159,6 +192,9 @@ def find_problem(args: argparse.Namespace) -> str | None:
     """The first invalid flag value, as a message that names the flag; None if all are valid."""
     checks = [
         (0 < args.prop_train_labels <= 1, "--prop_train_labels must be in (0, 1]"),
+        (args.old_classes is None or args.dataset_name == "folder",
+         "--old_classes is for --dataset_name folder (your own images)"),
+        (args.max_classes is None or args.max_classes >= 2, "--max_classes must be >= 2"),
         (args.batch_size >= 2, "--batch_size must be at least 2 (two views per sample are paired)"),
         (args.batch_size % world_size() == 0,
          f"--batch_size {args.batch_size} is the global batch: it must be a multiple of the "
@@ -167,8 +203,11 @@ def find_problem(args: argparse.Namespace) -> str | None:
         (args.n_words >= 1, "--n_words must be >= 1"),
         (0 <= args.word_drop < 1, "--word_drop must be in [0, 1)"),
         (args.lr > 0 and args.tes_lr > 0, "learning rates must be > 0"),
-        (args.eval_every >= 1, "--eval_every must be >= 1"),
+        (args.eval_every >= 1 and args.log_every >= 1, "--eval_every and --log_every must be >= 1"),
+        (args.test_every >= 0 and args.eval_cache_gb >= 0, "--test_every and --eval_cache_gb must be >= 0"),
         (args.num_workers >= 0, "--num_workers must be >= 0"),
+        (args.image_cache is None or not os.path.isfile(args.image_cache),
+         f"--image_cache {args.image_cache} is a file; give it a folder"),
         (args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
          "--max_steps_per_epoch must be >= 1"),
         (args.device == "cpu" or args.device.startswith("cuda"), "--device must be auto, cpu or cuda[:N]"),

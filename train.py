@@ -20,10 +20,11 @@ from typing import Callable
 import torch
 
 from data.data_utils import ImageLoadError
+from data.image_cache import ImageCacheError
 from data.get_datasets import get_class_splits
 from data.loaders import Loaders, build_loaders
-from engine import (NonFiniteLossError, Position, Stage, checkpoint_meta, evaluate_splits, log_epoch, report,
-                    save_checkpoints, sgd_cosine, train_one_epoch)
+from engine import (NonFiniteLossError, Position, Stage, checkpoint_meta, evaluate_run, log_epoch, report,
+                    report_clusters, save_checkpoints, sgd_cosine, train_one_epoch)
 from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
@@ -32,6 +33,8 @@ from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, cla
 from params import ARCHITECTURE_FLAGS, flag_names, parse_args
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, seed_everything
 from util.dist import barrier, cleanup_distributed, gather_views, init_distributed, wrap_ddp
+from util.estimate_k import estimate_for_run, k_from_checkpoint
+from util.eval_cache import EvalCache
 from util.logging_utils import get_logger, setup_logging
 from util.resume import Resume, find_resume
 from util.runs import Run, RunLockedError, find_tes_checkpoint, new_run_dir, open_run
@@ -46,11 +49,13 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         # Every input is checked, the dataset first, before the run folder is made or touched.
         get_class_splits(args)
+        k_from_checkpoint(args)  # K to estimate (--num_classes auto), but a checkpoint to continue: its K
         resume = find_resume(args, checkpoint_meta(args), flag_names())
         run_dir = resume.run_dir if resume else new_run_dir(args, info)
         data = build_loaders(args, vision_image_size(args.clip_model), info, run_dir)
         clip = build_clip(args)
         with open_run(args, info, run_dir, resume) as run:
+            estimate_for_run(run, clip)  # K to estimate: from the frozen CLIP, before training
             return run_stages(run, clip, data, resume)
     finally:
         cleanup_distributed()
@@ -59,9 +64,12 @@ def main(argv: list[str] | None = None) -> dict:
 def run_stages(run: Run, clip, data: Loaders, resume: Resume | None) -> dict:
     """Evaluate a checkpoint, or train the stages in turn from where the run is."""
     args = run.args
+    # Without ground truth (folder dataset, labelled/unlabelled layout) there is no accuracy to
+    # report, only what the clusters show.
+    summary = report if args.ground_truth else report_clusters
     if args.stage == "eval":
-        return report(evaluate_checkpoint(run, clip, data), run, f"accuracy of {args.eval_checkpoint}",
-                      "eval_metrics.json")
+        return summary(evaluate_checkpoint(run, clip, data), run, f"accuracy of {args.eval_checkpoint}",
+                       "eval_metrics.json")
     if resume and resume.stage == "get":
         projector = resume.checkpoint["tes_projector"]
     elif args.stage == "get":
@@ -71,7 +79,7 @@ def run_stages(run: Run, clip, data: Loaders, resume: Resume | None) -> dict:
     if projector is None or args.stage == "tes":
         return {}
     metrics = stage2(run, clip, projector, data, resume.checkpoint if resume and resume.stage == "get" else None)
-    return {} if metrics is None else report(metrics, run, "final accuracy", "final_metrics.json")
+    return {} if metrics is None else summary(metrics, run, "final accuracy", "final_metrics.json")
 
 
 def build_clip(args) -> torch.nn.Module:
@@ -144,14 +152,31 @@ def stage2(run: Run, clip, projector: dict, data: Loaders, checkpoint: dict | No
     stage = Stage("get", model, loss_fn, *optim, args.epochs, meta,
                   extra={"tes_projector": model.tes.projector.state_dict()},
                   schedule=lambda epoch: {"teacher_temp": teacher_temp(epoch)})
-    evaluate_model = partial(evaluate_splits, model, data.eval_splits, args.num_labeled_classes, run)
-    metrics = fit(stage, data, run, checkpoint, evaluate_model)
+    evaluate_epoch = partial(evaluate_stage2, model, data, run, eval_caches(args))
+    metrics = fit(stage, data, run, checkpoint, evaluate_epoch)
     # Resumed after the last epoch: nothing left to train, evaluate the finished model.
-    return evaluate_model() if metrics == {} else metrics
+    return evaluate_epoch(args.epochs - 1) if metrics == {} else metrics
+
+
+def evaluate_stage2(model: GETModel, data: Loaders, run: Run, caches: dict, epoch: int) -> dict | None:
+    """The unlabelled training images, and the test split at the end (or every --test_every
+    epochs, or always when --best_metric reads it)."""
+    args, splits = run.args, dict(data.eval_splits)
+    if not (epoch + 1 == args.epochs or args.best_metric.startswith("test/")
+            or args.test_every and (epoch + 1) % args.test_every == 0):
+        del splits["test"]
+    return evaluate_run(model, splits, args.num_labeled_classes, run, caches)
+
+
+def eval_caches(args) -> dict[str, EvalCache]:
+    """An evaluation cache for each split evaluated more than once (--eval_cache_gb each)."""
+    budget = int(args.eval_cache_gb * 2**30)
+    repeated = ["train_unlabelled"] + (["test"] if args.test_every or args.best_metric.startswith("test/") else [])
+    return {split: EvalCache(split, budget) for split in repeated} if budget else {}
 
 
 def fit(stage: Stage, data: Loaders, run: Run, checkpoint: dict | None,
-        evaluate_model: Callable[[], dict | None] | None = None) -> dict | None:
+        evaluate_model: Callable[[int], dict | None] | None = None) -> dict | None:
     """From ``checkpoint`` (or the start), for each epoch: train, evaluate (every --eval_every
     epochs and the last), log, checkpoint. Returns the last evaluation ({} when no epoch was
     left to train), None when stopped on request (the state saved to resume from)."""
@@ -163,7 +188,7 @@ def fit(stage: Stage, data: Loaders, run: Run, checkpoint: dict | None,
         start = time.time()
         due = (position.epoch + 1) % run.args.eval_every == 0 or position.epoch + 1 == stage.epochs
         finished = train_one_epoch(stage, data.train, position, run)
-        metrics = evaluate_model() if finished and evaluate_model and due else {}
+        metrics = evaluate_model(position.epoch) if finished and evaluate_model and due else {}
         if not finished or metrics is None:  # a stop request, during training or evaluation
             if run.info.is_main:
                 stage.save(run.dir / stage.last_name, position, run.args)
@@ -198,12 +223,13 @@ def evaluate_checkpoint(run: Run, clip, data: Loaders) -> dict:
         setattr(args, key, ckpt["meta"][key])
     model = build_get_model(args, clip, ckpt["tes_projector"])
     model.load_trainable_state_dict(ckpt["model"])
-    return evaluate_splits(model, data.eval_splits, args.num_labeled_classes, run)
+    return evaluate_run(model, data.eval_splits, args.num_labeled_classes, run)
 
 
 # Errors raised on purpose for input or state the user can fix: the message says how, so it
 # is printed alone, without a traceback (log.txt has it too once the run folder exists).
-USER_ERRORS = (CheckpointError, FileNotFoundError, ImageLoadError, NonFiniteLossError, RunLockedError)
+USER_ERRORS = (CheckpointError, FileNotFoundError, ImageCacheError, ImageLoadError, NonFiniteLossError,
+               RunLockedError)
 
 if __name__ == "__main__":
     try:

@@ -1,47 +1,51 @@
-"""Throughput of the training input pipeline on real-size JPEGs: decode, the GET train
-transform, two views per sample, through a DataLoader.
+"""Throughput of the training input pipeline on real-size JPEGs, with and without the image
+cache (``--image_cache``), measured in one run: two views of the GET train transform per
+sample, through a DataLoader, as the training loader yields them.
 
     python bench/data_loading.py                                # CPU defaults, about a minute
+    python bench/data_loading.py --json loading.json            # also write the figures
     python bench/data_loading.py --workers 0 4 8 16 --step_samples_per_s 900
+
+uncached: decode the JPEG, convert to RGB, resize (int(224 / 0.875) = 256 px, bicubic), then
+the random crop, flip, jitter, ToTensor and Normalize, twice. cached: the resized pixels come
+from the memory-mapped cache (data/image_cache.py), then the same random steps. The cache is
+built once before timing (its build time and size are printed). The two paths alternate,
+pass by pass, and the median pass of each is reported. Samples/s per loader process is the
+loader's samples/s divided by its worker processes (the main process when --workers 0); every
+loader process runs torch on one thread, as DataLoader workers do. ``--json PATH`` writes
+``{"uncached_samples_per_s", "cached_samples_per_s", "speedup", ...}`` for the first
+``--workers`` value.
 
 A fast GPU trains faster than a few cores can decode: compare the samples/s here with the
 stage-2 samples/s of bench/step_time.py on the training machine (``--step_samples_per_s``
-prints the share of a step that loading would take without overlap, and how many workers
-keep up). The images are synthetic but of ImageNet's typical size and JPEG quality.
+prints how many workers keep up on each path). The images are synthetic but of ImageNet's
+typical size and JPEG quality.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.augmentations import TwoViews, get_transforms  # noqa: E402
-from data.data_utils import load_image  # noqa: E402
-
-
-class JpegFolder(Dataset):
-    """Two augmented views of each JPEG, as the training loader yields them."""
-
-    def __init__(self, paths: list[Path], transform):
-        self.paths, self.transform = paths, transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        return self.transform(load_image(self.paths[index], "bench")), index
+from data.augmentations import TwoViews, get_transforms, resize_step  # noqa: E402
+from data.data_utils import GCDDataset, RawSplit  # noqa: E402
+from data.image_cache import use_image_cache  # noqa: E402
+from util.dist import DistInfo  # noqa: E402
 
 
 def write_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    """Smooth random images (so JPEG sizes are realistic, ~100 KB), quality 90."""
+    """Smooth random images (so JPEG sizes are realistic, ~65 KB at 500x375), quality 90."""
     rng = np.random.default_rng(0)
     paths = []
     for i in range(count):
@@ -55,15 +59,39 @@ def write_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
     return paths
 
 
-def samples_per_second(dataset: Dataset, workers: int, batch_size: int, repeats: int) -> float:
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                        persistent_workers=workers > 0)
-    rates = []
-    for _ in range(repeats + 1):  # the first pass starts the workers: not timed
-        start = time.perf_counter()
-        n = sum(len(index) for _, index in loader)
-        rates.append(n / (time.perf_counter() - start))
-    return statistics.median(rates[1:])
+def training_datasets(paths: list[Path], image_size: int, cache_dir: Path) -> tuple[dict, float]:
+    """{"uncached": ..., "cached": ...} GCDDatasets of the JPEGs with the two-view train
+    transform, and the seconds the cache took to build."""
+    raw = RawSplit("bench", [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64))
+    every = np.arange(len(raw))
+    train_tf, _ = get_transforms(image_size=image_size)
+    resized_tf, _ = get_transforms(image_size=image_size, resized=True)
+    cached = GCDDataset(raw, every, {0: 0}, TwoViews(resized_tf))
+    start = time.perf_counter()
+    use_image_cache(Namespace(image_cache=str(cache_dir), num_workers=0, progress=False),
+                    {"train": [cached]}, resize_step(image_size), DistInfo())
+    build_s = time.perf_counter() - start
+    return {"uncached": GCDDataset(raw, every, {0: 0}, TwoViews(train_tf)), "cached": cached}, build_s
+
+
+def one_pass(loader: DataLoader) -> float:
+    """Samples/s of one pass over ``loader``."""
+    start = time.perf_counter()
+    n = sum(len(uq_idx) for _, _, uq_idx in loader)
+    return n / (time.perf_counter() - start)
+
+
+def compare(datasets: dict, workers: int, batch_size: int, repeats: int) -> dict[str, float]:
+    """Median samples/s of each path's loader, the paths alternating pass by pass."""
+    loaders = {name: DataLoader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                                persistent_workers=workers > 0) for name, dataset in datasets.items()}
+    for loader in loaders.values():  # the first pass starts the workers: not timed
+        one_pass(loader)
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(repeats):
+        for name, loader in loaders.items():
+            rates[name].append(one_pass(loader))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main() -> None:
@@ -74,28 +102,46 @@ def main() -> None:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per path and worker count")
     p.add_argument("--step_samples_per_s", type=float, default=None,
                    help="stage-2 training samples/s measured by bench/step_time.py (images/s / 2)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write the figures of the first --workers value as JSON")
     args = p.parse_args()
-    train_tf, _ = get_transforms(image_size=args.image_size)
+    torch.set_num_threads(1)  # as in a DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_jpegs(Path(tmp), args.images, (args.width, args.height))
+        images, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"
+        images.mkdir()
+        paths = write_jpegs(images, args.images, (args.width, args.height))
         kib = statistics.mean(q.stat().st_size for q in paths) / 1024
-        dataset = JpegFolder(paths, TwoViews(train_tf))
+        datasets, build_s = training_datasets(paths, args.image_size, cache_dir)
+        cache_mib = sum(f.stat().st_size for f in cache_dir.glob("*.u8")) / 2**20
         print(f"{args.images} JPEGs of {args.width}x{args.height} (mean {kib:.0f} KiB), "
-              f"two {args.image_size}px views each, batch {args.batch_size}")
-        print(f"{'workers':>8}{'samples/s':>11}{'ms/sample/worker':>18}"
-              + (f"{'load share':>12}{'workers to keep up':>20}" if args.step_samples_per_s else ""))
+              f"two {args.image_size}px views each, batch {args.batch_size}; cache built in "
+              f"{build_s:.1f} s ({1000 * build_s / args.images:.2f} ms/image), {cache_mib:.1f} MiB")
+        print(f"{'workers':>8}{'uncached/s':>12}{'cached/s':>10}{'per process: uncached':>23}"
+              f"{'cached':>8}{'speed-up':>10}"
+              + (f"{'workers to keep up: uncached':>30}{'cached':>8}" if args.step_samples_per_s else ""))
+        figures = None
         for workers in args.workers:
-            rate = samples_per_second(dataset, workers, args.batch_size, args.repeats)
-            per_worker = 1000 * max(workers, 1) / rate
-            line = f"{workers:>8}{rate:>11.1f}{per_worker:>18.2f}"
+            rate = compare(datasets, workers, args.batch_size, args.repeats)
+            per_process = {name: r / max(workers, 1) for name, r in rate.items()}
+            speedup = rate["cached"] / rate["uncached"]
+            line = (f"{workers:>8}{rate['uncached']:>12.1f}{rate['cached']:>10.1f}"
+                    f"{per_process['uncached']:>23.1f}{per_process['cached']:>8.1f}{speedup:>9.2f}x")
             if args.step_samples_per_s:
-                share = args.step_samples_per_s / (args.step_samples_per_s + rate)
-                need = args.step_samples_per_s * per_worker / 1000
-                line += f"{share:>12.0%}{need:>20.1f}"
+                line += (f"{args.step_samples_per_s / per_process['uncached']:>30.1f}"
+                         f"{args.step_samples_per_s / per_process['cached']:>8.1f}")
             print(line)
+            if figures is None:
+                figures = {"uncached_samples_per_s": round(per_process["uncached"], 1),
+                           "cached_samples_per_s": round(per_process["cached"], 1),
+                           "speedup": round(speedup, 2), "workers": workers, "images": args.images,
+                           "width": args.width, "height": args.height, "image_size": args.image_size,
+                           "cache_build_s_per_image": round(build_s / args.images, 5)}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

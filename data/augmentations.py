@@ -21,20 +21,30 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+def resize_step(image_size: int = 224, crop_pct: float = 0.875) -> transforms.Resize:
+    """The deterministic first step of both transforms: the shorter side to
+    int(image_size / crop_pct) px, bicubic, aspect ratio kept (what data/image_cache.py stores)."""
+    return transforms.Resize(int(image_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC)
+
+
 def get_transforms(
-    image_size: int = 224, crop_pct: float = 0.875, normalization: str = "imagenet"
+    image_size: int = 224, crop_pct: float = 0.875, normalization: str = "imagenet", resized: bool = False
 ) -> tuple[Callable, Callable]:
-    """(train_transform, test_transform): PIL image -> float32 tensor [3, image_size, image_size]."""
+    """(train_transform, test_transform): PIL image -> float32 tensor [3, image_size, image_size].
+
+    resized: the images come already through ``resize_step`` (the image cache), so both
+    transforms start after it; the random steps draw exactly as they do after the resize.
+    """
     if normalization not in NORMALIZATIONS:
         raise ValueError(
             f"Unknown normalization {normalization!r}; expected one of {sorted(NORMALIZATIONS)} "
             "(flag --normalization)."
         )
     mean, std = NORMALIZATIONS[normalization]
-    resize = transforms.Resize(int(image_size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC)
+    resize = [] if resized else [resize_step(image_size, crop_pct)]
     normalize = transforms.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
     train_transform = transforms.Compose([
-        resize,
+        *resize,
         transforms.RandomCrop(image_size),
         transforms.RandomHorizontalFlip(p=0.5),
         # Default arguments make this a no-op on the pixels; kept because the
@@ -44,7 +54,7 @@ def get_transforms(
         normalize,
     ])
     test_transform = transforms.Compose([
-        resize,
+        *resize,
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         normalize,

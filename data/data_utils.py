@@ -26,6 +26,11 @@ import config
 SPLITS_DIR = Path(__file__).resolve().parent / "ssb_splits"
 
 
+# The target of an image whose class nobody knows: the unlabelled images of the folder
+# dataset's labelled/unlabelled layout (data/folder.py). Benchmarks never have it.
+NO_LABEL = -1
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset root is missing, incomplete or not laid out as expected."""
 
@@ -95,7 +100,8 @@ class RawSplit:
 
     images: a list of file paths (opened lazily through ``load_image``), or a
         uint8 array [N, H, W, 3] of images held in memory (CIFAR, digits).
-    targets: int64 array [N] of original class ids, in dataset order.
+    targets: int64 array [N] of original class ids, in dataset order (NO_LABEL for an
+        image of unknown class).
     """
 
     dataset_name: str
@@ -125,7 +131,8 @@ class DatasetSource:
     """How to read one dataset.
 
     layout: the expected tree under the root, shown in errors.
-    class_splits(): (old class ids, new class ids), ORIGINAL ids in split order.
+    class_splits(): (old class ids, new class ids), ORIGINAL ids in split order; new is None
+        where the new classes are unknown (their images have target NO_LABEL).
     load_split(root, train): the train or test RawSplit; root is None for
         built-in datasets.
     class_names(root): names indexed by ORIGINAL class id, the reference's strings.
@@ -141,7 +148,7 @@ class DatasetSource:
 
 
 def remap_targets(targets: np.ndarray, target_map: dict[int, int]) -> np.ndarray:
-    """Map original class ids (int array [N]) to remapped ids, int64 [N].
+    """Map original class ids (int array [N]) to remapped ids, int64 [N]; NO_LABEL stays.
 
     A lookup table keeps this vectorised (ImageNet-1k has 1.28M targets).
     """
@@ -149,9 +156,11 @@ def remap_targets(targets: np.ndarray, target_map: dict[int, int]) -> np.ndarray
     size = max(max(target_map, default=0), int(targets.max(initial=0))) + 1
     table = np.full(size, -1, dtype=np.int64)
     table[list(target_map)] = list(target_map.values())
-    remapped = table[targets]
-    if (remapped < 0).any():
-        missing = sorted(set(targets[remapped < 0].tolist()))
+    known = targets != NO_LABEL  # an image without a label stays NO_LABEL
+    remapped = np.full_like(targets, NO_LABEL)
+    remapped[known] = table[targets[known]]
+    if (remapped[known] < 0).any():
+        missing = sorted(set(targets[known][remapped[known] < 0].tolist()))
         raise ValueError(f"Class ids {missing[:10]} are in neither the old nor the new class list.")
     return remapped
 

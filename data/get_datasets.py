@@ -23,6 +23,11 @@ draw. (ImageNet and Herbarium19 still need every class folder, which tells a
 complete copy from one whose extraction stopped half-way.)
 uq_idx = position of a sample in the training set (samples of the K classes
 in dataset order); test samples are numbered within the test split.
+
+The folder dataset (data/folder.py: your own images) reads its classes from its root. In
+its labelled/unlabelled layout the classes of the unlabelled images are unknown: their
+target is NO_LABEL (-1), every image with a class is labelled (no draw), the new classes
+are an empty list and K comes from ``--num_classes`` or its estimate.
 """
 from __future__ import annotations
 
@@ -37,8 +42,9 @@ import config
 from data.aircraft import AIRCRAFT
 from data.cifar import CIFAR10, CIFAR100
 from data.cub import CUB
-from data.data_utils import DatasetSource, GCDDataset, MergedDataset, RawSplit, dataset_not_found
+from data.data_utils import NO_LABEL, DatasetSource, GCDDataset, MergedDataset, RawSplit, dataset_not_found
 from data.digits import DIGITS
+from data.folder import NAME as FOLDER, folder_source
 from data.herbarium_19 import HERBARIUM_19
 from data.imagenet import IMAGENET_100, IMAGENET_1K
 from data.scars import SCARS
@@ -49,9 +55,15 @@ SOURCES: dict[str, DatasetSource] = {
 }
 
 
-def get_source(dataset_name: str) -> DatasetSource:
-    """The reader of ``dataset_name``; ValueError listing the valid names otherwise."""
+def get_source(dataset_name: str, args: Namespace | None = None) -> DatasetSource:
+    """The reader of ``dataset_name``; ValueError listing the valid names otherwise.
+
+    The folder dataset has no fixed classes: its reader is made from the folders under its
+    root (``args.data_root``) and ``args.old_classes`` (data/folder.py).
+    """
     config.check_dataset_name(dataset_name)
+    if dataset_name == FOLDER:
+        return folder_source(_root(dataset_name, args), getattr(args, "old_classes", None))
     return SOURCES[dataset_name]
 
 
@@ -59,17 +71,34 @@ def get_class_splits(args: Namespace) -> Namespace:
     """Set the class split of ``args.dataset_name`` on ``args`` and return it.
 
     Sets ``train_classes`` / ``unlabeled_classes`` (ORIGINAL class ids, in
-    split order), ``num_labeled_classes`` and ``num_unlabeled_classes``.
+    split order), ``num_labeled_classes``, ``num_unlabeled_classes`` (K - K_old: the new
+    clusters, see ``_num_new_clusters``) and ``ground_truth`` (whether the classes of the
+    unlabelled images are known: False for the folder dataset's labelled/unlabelled layout).
     """
     return _set_class_splits(args, args.dataset_name)
 
 
 def _set_class_splits(args: Namespace, dataset_name: str) -> Namespace:
     """Write the split of ``dataset_name`` onto ``args``."""
-    old, new = get_source(dataset_name).class_splits()
-    args.train_classes, args.unlabeled_classes = old, new
-    args.num_labeled_classes, args.num_unlabeled_classes = len(old), len(new)
+    old, new = get_source(dataset_name, args).class_splits()
+    args.train_classes, args.unlabeled_classes = old, new or []
+    args.ground_truth = new is not None
+    args.num_labeled_classes, args.num_unlabeled_classes = len(old), _num_new_clusters(args, old, new or [])
     return args
+
+
+def _num_new_clusters(args: Namespace, old: list[int], new: list[int]) -> int:
+    """K - K_old: from ``--num_classes N``, else from the estimate of K once made
+    (``args.estimated_num_classes``, util/estimate_k.py), else the split's new classes (none
+    where they are unknown, until K is estimated)."""
+    wanted = getattr(args, "num_classes", None)
+    k = getattr(args, "estimated_num_classes", None) if wanted in (None, "auto") else int(wanted)
+    if k is None:
+        return len(new)
+    if k < len(old):
+        raise ValueError(f"K = {k} (--num_classes) is fewer than the {len(old)} old classes of "
+                         f"{args.dataset_name}; K counts the old and the new classes.")
+    return k - len(old)
 
 
 def _split_lists(dataset_name: str, args: Namespace) -> tuple[list[int], list[int]]:
@@ -98,8 +127,18 @@ def draw_labelled_positions(num_old_images: int, prop_train_labels: float) -> np
 
 
 def _keep_split_classes(raw: RawSplit, classes: list[int]) -> RawSplit:
-    """The samples of ``raw`` whose class is one of ``classes``, in dataset order."""
-    return raw.subset(np.flatnonzero(np.isin(raw.targets, classes)))
+    """The samples of ``raw`` whose class is one of ``classes`` or unknown, in dataset order."""
+    return raw.subset(np.flatnonzero(np.isin(raw.targets, classes) | (raw.targets == NO_LABEL)))
+
+
+def _labelled_positions(train_raw: RawSplit, old: list[int], prop_train_labels: float) -> np.ndarray:
+    """Positions of the labelled training images: the reference draw among the old-class
+    images; where the dataset itself has images of unknown class (NO_LABEL: the folder
+    dataset's labelled/unlabelled layout), every image whose class it gives."""
+    if (train_raw.targets == NO_LABEL).any():
+        return np.flatnonzero(train_raw.targets != NO_LABEL)
+    old_positions = np.flatnonzero(np.isin(train_raw.targets, old))
+    return old_positions[draw_labelled_positions(len(old_positions), prop_train_labels)]
 
 
 def _maybe_download(source: DatasetSource, root: Path | None, args: Namespace) -> None:
@@ -131,7 +170,7 @@ def get_datasets(
     Reads ``args.data_root`` (None: config default), ``args.prop_train_labels``
     (0.5), ``args.download`` (CIFAR only) and the class lists (set if absent).
     """
-    source = get_source(dataset_name)
+    source = get_source(dataset_name, args)
     old, new = _split_lists(dataset_name, args)
     root = _root(dataset_name, args)
     _maybe_download(source, root, args)
@@ -143,8 +182,7 @@ def get_datasets(
         raise dataset_not_found(
             dataset_name, root, "no training image of any class of the split was found.", source.layout
         )
-    old_positions = np.flatnonzero(np.isin(train_raw.targets, old))
-    labelled = old_positions[draw_labelled_positions(len(old_positions), getattr(args, "prop_train_labels", 0.5))]
+    labelled = _labelled_positions(train_raw, old, getattr(args, "prop_train_labels", 0.5))
     unlabelled = np.setdiff1d(np.arange(len(train_raw)), labelled)
 
     datasets = {
@@ -164,7 +202,7 @@ def get_class_names(args: Namespace) -> list[str]:
     reference code's, byte for byte, since stage 1 distils towards their text; "tidy"
     passes them through ``tidy_class_names``.
     """
-    source = get_source(args.dataset_name)
+    source = get_source(args.dataset_name, args)
     old, new = _split_lists(args.dataset_name, args)
     names = source.class_names(_root(args.dataset_name, args))
     if getattr(args, "class_names", "reference") == "tidy":

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.augmentations import TwoViews, get_transforms
+from data.augmentations import TwoViews, get_transforms, resize_step
 from data.data_utils import skip_bad_images, train_sample_weights
 from data.get_datasets import get_class_names, get_class_splits, get_datasets
+from data.image_cache import use_image_cache
 from util.dist import DistInfo, ShardSampler, WeightedEpochSampler
 from util.logging_utils import get_logger
 
@@ -55,8 +56,16 @@ class Loaders:
 def build_loaders(args: Namespace, image_size: int, info: DistInfo, run_dir: Path) -> Loaders:
     """Loaders of ``args.dataset_name``; sets the class split on ``args`` (get_class_splits)."""
     get_class_splits(args)
-    train_tf, test_tf = get_transforms(image_size=image_size, normalization=args.normalization)
+    # --image_cache: the images come decoded and resized from the cache (data/image_cache.py),
+    # so the transforms start after the resize; their random steps draw as without it.
+    cached = args.image_cache is not None
+    train_tf, test_tf = get_transforms(image_size=image_size, normalization=args.normalization,
+                                       resized=cached)
     train_set, test_set, unlabelled_set, _ = get_datasets(args.dataset_name, TwoViews(train_tf), test_tf, args)
+    if cached:
+        splits = {"train": [train_set.labelled_dataset, train_set.unlabelled_dataset, unlabelled_set],
+                  "test": [test_set]}
+        use_image_cache(args, splits, resize_step(image_size), info)
     if args.skip_bad_images:
         skip_bad_images([train_set, test_set, unlabelled_set], run_dir / SKIPPED_IMAGES)
     sampler = WeightedEpochSampler(train_sample_weights(train_set), args.batch_size, args.seed,

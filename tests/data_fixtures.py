@@ -349,3 +349,51 @@ def make_fixture(dataset_name: str, root: Path, n_train: int = 4, n_test: int = 
     if dataset_name != "digits":
         WRITERS[dataset_name](root, default_classes(dataset_name), n_train, n_test)
     return root
+
+
+# ------------------------------------------------------------ the folder dataset
+FOLDER_CLASSES = ("ant", "bee", "cat", "dog", "eel", "fox")  # class code = position here
+
+
+def _save_png(path: Path, class_code: int, serial: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(encode_image(class_code, serial)).save(path, format="PNG")
+
+
+def write_folder(root: Path, layout: str = "train", n_old: int = 3, n_train: int = 4, n_test: int = 2,
+                 classes: Sequence[str] = FOLDER_CLASSES) -> Path:
+    """The folder dataset (data/folder.py) under ``root``; returns ``root``. Images encode
+    (position of their class in ``classes``, serial); JPEGs and PNGs alternate.
+
+    layout "train": train/<class>/ with ``n_train`` images of every class and test/<class>/
+    with ``n_test``; the first ``n_old`` classes are meant as --old_classes.
+    layout "labelled": labelled/<class>/ with ``n_train`` images of each of the first
+    ``n_old`` classes, and unlabelled/ with ``n_train`` images of every class, spread over
+    nested sub-folders under names that say nothing of their class.
+    """
+    root = Path(root)
+    serial = 0
+
+    def save(path: Path, code: int) -> None:
+        nonlocal serial
+        if serial % 2:
+            _save_png(path.with_suffix(".png"), code, serial)
+        else:
+            _save_jpeg(path.with_suffix(".jpg"), code, serial)
+        serial += 1
+
+    if layout == "train":
+        for split, count in (("train", n_train), ("test", n_test)):
+            for code, name in sorted(enumerate(classes), key=lambda item: item[1]):
+                for k in range(count):
+                    save(root / split / name / f"{k:04d}", code)
+    elif layout == "labelled":
+        for code, name in sorted(enumerate(classes[:n_old]), key=lambda item: item[1]):
+            for k in range(n_train):
+                save(root / "labelled" / name / f"{k:04d}", code)
+        pile = _shuffled([c for c in range(len(classes)) for _ in range(n_train)], seed=1)
+        for k, code in enumerate(pile):
+            save(root / "unlabelled" / ("day1", "day2/cam_a", "day2/cam_b")[k % 3] / f"img{k:04d}", code)
+    else:
+        raise ValueError(f"layout must be 'train' or 'labelled', not {layout!r}")
+    return root

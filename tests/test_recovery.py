@@ -262,13 +262,13 @@ def test_checkpoints_follow_the_umask(tmp_path):
 def test_a_stop_during_evaluation_abandons_it_and_resumes_exactly(tmp_path, cub_root, monkeypatch):
     argv = tiny_argv(tmp_path, cub_root, "--epochs", "2")
     reference = train.main(argv + ["--exp_name", "full"])
-    real = train.evaluate_splits
+    real = train.evaluate_run
 
     def stop_then_evaluate(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(train, "evaluate_splits", stop_then_evaluate)
+    monkeypatch.setattr(train, "evaluate_run", stop_then_evaluate)
     assert train.main(argv + ["--exp_name", "cut"]) == {}
     monkeypatch.undo()
     (run,) = run_dirs(tmp_path, "cut")

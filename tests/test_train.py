@@ -13,6 +13,8 @@ import torch
 import train
 from params import get_args_parser
 from util.runs import latest_run
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from tests.helpers import run_dirs, scalar_tags, tiny_argv, trainable_weights
 from util.checkpoint import CheckpointError, atomic_save
 
@@ -90,7 +92,8 @@ def interrupt_at_call(monkeypatch, call: int) -> None:
 
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, cub_root, monkeypatch, workers):
-    argv = tiny_argv(tmp_path, cub_root, "--epochs", "3", "--word_drop", "0.5")
+    # --log_every 1: the stop request is seen right after the step in which it arrives.
+    argv = tiny_argv(tmp_path, cub_root, "--epochs", "3", "--word_drop", "0.5", "--log_every", "1")
     reference = train.main(argv + ["--exp_name", "full"])
     # Each sample's augmentation follows its own seed: loader workers change nothing, and a
     # run resumed mid-epoch with workers is exact too.
@@ -153,3 +156,16 @@ def test_global_batch_not_divisible_by_the_processes_is_refused(tmp_path, cub_ro
     assert exit_info.value.code == 2
     assert "--batch_size 8 is the global batch: it must be a multiple of the 3" in capsys.readouterr().err
     assert not (tmp_path / "cub").exists()
+
+
+def test_loss_terms_brought_to_the_host_every_n_steps_log_the_same(tmp_path, cub_root):
+    records = {}
+    for every in ("1", "2"):
+        train.main(tiny_argv(tmp_path, cub_root, "--log_every", every, exp_name=f"every{every}"))
+        (run_dir,) = run_dirs(tmp_path, f"every{every}")
+        records[every] = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(run_dir / "tensorboard"))
+        events.Reload()
+        # 3 steps an epoch, 2 epochs: every step logged once, whatever the flush period.
+        assert [e.step for e in events.Scalars("get/loss/cico")] == [1, 2, 3, 4, 5, 6]
+    assert records["1"] == records["2"]

@@ -13,9 +13,9 @@ from util.runs import latest_run
 # Where things are and how this machine runs them: these may change when a run is resumed.
 # Every other flag defines the run (its data, model, schedule, seed) and must stay as saved.
 CHANGEABLE_ON_RESUME = ("resume", "stage", "device", "amp", "compile", "num_workers", "progress",
-                        "eval_every", "exp_root", "exp_name", "data_root", "download",
-                        "clip_cache_dir", "pretrained", "skip_bad_images", "tes_checkpoint",
-                        "eval_checkpoint")
+                        "log_every", "eval_every", "test_every", "eval_cache_gb", "exp_root",
+                        "exp_name", "data_root", "download", "clip_cache_dir", "pretrained",
+                        "skip_bad_images", "image_cache", "tes_checkpoint", "eval_checkpoint")
 
 
 @dataclass

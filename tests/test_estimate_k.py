@@ -1,0 +1,129 @@
+"""Estimating K (util/estimate_k.py, estimate_k.py, train.py --num_classes auto): the search on
+synthetic features whose number of clusters is known, and the estimate end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data_fixtures as F
+import estimate_k
+import train
+from util import estimate_k as E
+from tests.helpers import run_dirs, scalar_tags
+
+N_OLD, N_CLASSES, PER_CLASS, DIM = 4, 12, 40, 16
+
+
+def synthetic_features(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """12 well-separated Gaussian clusters in 16-d, the first 4 old, half of each old class
+    labelled: (features [480, 16], labels [480], labelled [480]).
+
+    GCD's score is the accuracy on the labelled images, which shows only what k-means does to
+    the OLD classes; merging or splitting new classes leaves it unchanged. So here the old
+    classes are the ones k-means touches first on either side of K: the closest to each
+    other (k < 12 merges two of them) and the widest (k > 12 splits one of them), while every
+    cluster stays clearly apart (k = 12 recovers all of them). That is the case in which the
+    method finds K exactly, and what is tested is that the search finds it, and fast.
+    """
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(N_CLASSES, DIM))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    centres = np.concatenate([directions[:N_OLD] * 6.0, directions[N_OLD:] * 16.0])
+    spread = np.where(np.arange(N_CLASSES) < N_OLD, 1.0, 0.4)
+    labels = np.repeat(np.arange(N_CLASSES), PER_CLASS)
+    features = centres[labels] + spread[labels, None] * rng.normal(size=(len(labels), DIM))
+    labelled = (labels < N_OLD) & (np.arange(len(labels)) % PER_CLASS < PER_CLASS // 2)
+    return features.astype(np.float32), labels, labelled
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_estimate_is_exact_and_evaluates_few_k(seed):
+    features, labels, labelled = synthetic_features(seed)
+    evaluated = []
+
+    def score(k: int) -> float:
+        evaluated.append(k)
+        return E.labelled_accuracy(features, labels, labelled, k, seed=0)
+
+    k, curve = E.brent_search(score, N_OLD, 40)
+    assert k == N_CLASSES and curve[N_CLASSES] == 1.0
+    assert len(evaluated) == len(set(evaluated)) == len(curve)  # no k clustered twice
+    assert len(evaluated) <= (40 - N_OLD + 1) // 4, evaluated  # a full sweep: 37 values
+
+
+def test_brent_search_finds_the_peak_of_a_long_interval_in_few_steps():
+    calls = []
+
+    def score(k: int) -> float:
+        calls.append(k)
+        return -abs(k - 137) / 200
+
+    k, curve = E.brent_search(score, 50, 1000)
+    assert k == 137 and len(calls) == len(set(calls)) <= 25
+    assert E.brent_search(lambda k: float(k), 5, 9)[0] == 9  # the interval's ends are reachable
+    assert E.brent_search(lambda k: -float(k), 5, 9)[0] == 5
+
+
+def test_search_bounds():
+    args = train.parse_args(["--device", "cpu"])
+    args.num_labeled_classes = 3
+    assert E.search_bounds(args, 1000) == (3, 20)
+    args.num_labeled_classes, args.max_classes = 100, 250
+    assert E.search_bounds(args, 1000) == (100, 250) and E.search_bounds(args, 180) == (100, 180)
+    args.max_classes = 100
+    with pytest.raises(ValueError, match="--max_classes 100 leaves no K to search above the 100 old"):
+        E.search_bounds(args, 1000)
+
+
+def tiny_argv(out, root, *extra):
+    return ["--dataset_name", "folder", "--data_root", str(root), "--clip_model", "GET-tiny",
+            "--pretrained", "none", "--device", "cpu", "--num_workers", "0", "--batch_size", "8",
+            "--no-progress", "--exp_root", str(out), *extra]
+
+
+def test_standalone_estimate_matches_the_training_run(tmp_path):
+    root = F.write_folder(tmp_path / "data", "train")
+    out_file = tmp_path / "k.json"
+    estimate = estimate_k.main(tiny_argv(tmp_path, root, "--old_classes", "ant,bee,cat", "--max_classes", "12",
+                                         "--out", str(out_file)))
+    record = json.loads(out_file.read_text())
+    assert record["k"] == estimate.k and (record["k_min"], record["k_max"]) == (3, 12)
+    assert record["n_images"] == 24 and record["n_labelled"] == 6
+    assert [p["k"] for p in record["curve"]] == sorted(estimate.curve) and 3 <= estimate.k <= 12
+
+    # train.py --num_classes auto: the same estimate, before stage 1, recorded in the run folder,
+    # TensorBoard and config.json, and used as K.
+    train.main(tiny_argv(tmp_path / "out", root, "--old_classes", "ant,bee,cat", "--max_classes", "12",
+                         "--num_classes", "auto", "--grad_from_block", "2", "--tes_epochs", "1",
+                         "--epochs", "1", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32"))
+    (run_dir,) = run_dirs(tmp_path / "out", "get", "folder")
+    saved = json.loads((run_dir / "k_estimate.json").read_text())
+    assert saved["k"] == estimate.k and saved["curve"] == record["curve"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num_classes"] == "auto" and config["estimated_num_classes"] == estimate.k
+    assert config["num_labeled_classes"] + config["num_unlabeled_classes"] == estimate.k
+    assert {"k_estimate/labelled_acc", "k_estimate/k"} <= scalar_tags(run_dir)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["meta"]["num_classes"] == estimate.k
+    assert torch.load(run_dir / "tes.pt", weights_only=True)["meta"]["num_classes"] == estimate.k
+    log = (run_dir / "log.txt").read_text()
+    assert log.index(f"estimated K = {estimate.k}") < log.index("tes epoch 1/1")
+
+
+def test_labelled_unlabelled_layout_estimates_k_and_a_resume_keeps_it(tmp_path, capsys):
+    root = F.write_folder(tmp_path / "data", "labelled")
+    argv = tiny_argv(tmp_path / "out", root, "--grad_from_block", "2", "--tes_epochs", "1", "--epochs", "1",
+                     "--head_hidden_dim", "64", "--head_bottleneck_dim", "32")
+    train.main(argv)  # no --num_classes: the new classes are unknown, so K is estimated
+    (run_dir,) = run_dirs(tmp_path / "out", "get", "folder")
+    k = json.loads((run_dir / "k_estimate.json").read_text())["k"]
+    sizes = json.loads((run_dir / "cluster_sizes.json").read_text())
+    assert len(sizes["fused"]) == k
+    before = (run_dir / "k_estimate.json").stat().st_mtime_ns
+    # A resume takes the checkpoint's K (its meta must agree) instead of estimating it again.
+    train.main(argv + ["--resume", "auto"])
+    assert (run_dir / "k_estimate.json").stat().st_mtime_ns == before
+    assert f"K = {k}, as in {run_dir / 'last.pt'} (estimated there, not again)" in capsys.readouterr().out
+    assert len(run_dirs(tmp_path / "out", "get", "folder")) == 1

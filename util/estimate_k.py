@@ -1,0 +1,235 @@
+"""Estimate K, the number of classes, where nobody gives it: ``--num_classes auto`` of train.py
+(and the folder dataset's labelled/unlabelled layout without ``--num_classes``) and the
+standalone ``python estimate_k.py``. The method of Vaze et al. (GCD, CVPR 2022):
+
+1. the frozen CLIP image embedding (after the visual projection, L2-normalised) of every
+   training image, labelled and unlabelled, under the test transform;
+2. for a given k, k-means of all of them into k clusters, scored by the Hungarian accuracy of
+   the clusters on the labelled images alone, the only ones whose class is known;
+3. Brent's method (scipy's bounded ``minimize_scalar`` on minus the score, k rounded to a
+   whole number) searches k between K_old and ``--max_classes``, then steps to a better
+   neighbouring k while there is one; no k is clustered twice.
+
+The score sees the old classes only: it drops when k-means splits an old class (k too
+large) or merges two of them (k too small), and nothing that happens among the new classes
+changes it. So the estimate is right where getting K wrong hurts the old classes first.
+
+train.py estimates K at the start of a run, before stage 1 (it needs only the frozen CLIP,
+and every checkpoint then carries K): ``k_estimate.json`` in the run folder holds the
+estimate and the accuracy at each k evaluated, TensorBoard has them as ``k_estimate/*``
+(step = k) and config.json gets ``estimated_num_classes``. A run that continues a checkpoint
+takes its K instead of estimating it again.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from argparse import Namespace
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
+from sklearn.cluster import KMeans
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data.augmentations import get_transforms
+from data.data_utils import skip_bad_images
+from data.get_datasets import get_class_splits, get_datasets
+from data.loaders import SKIPPED_IMAGES
+from model import clip_autocast, vision_image_size
+from util.checkpoint import load_checkpoint
+from util.cluster_and_log_utils import split_cluster_acc_v2
+from util.dist import DistInfo, ShardSampler, broadcast_object, gather_predictions
+from util.logging_utils import get_logger, save_json
+from util.resume import resume_path
+from util.runs import Run, latest_run
+
+K_ESTIMATE = "k_estimate.json"
+# k-means restarts per k (k-means++ seeding, the best inertia kept): a few guard against a bad
+# local optimum; each costs a full k-means, the price of the whole search.
+KMEANS_INITS = 3
+
+
+@dataclass
+class KEstimate:
+    k: int                      # the estimate of K
+    curve: dict[int, float]     # labelled-image accuracy of each k evaluated
+    order: list[int]            # the k in the order Brent's search evaluated them
+    k_min: int                  # the search interval: K_old ...
+    k_max: int                  # ... and --max_classes (at most the number of images)
+    n_images: int
+    n_labelled: int
+    seconds: float
+
+    def record(self) -> dict:
+        """As JSON: the curve sorted by k."""
+        return {**asdict(self), "curve": [{"k": k, "labelled_acc": self.curve[k]} for k in sorted(self.curve)]}
+
+
+def labelled_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.ndarray, k: int,
+                      seed: int = 0) -> float:
+    """Hungarian accuracy on the labelled rows of a k-means of ALL rows into k clusters.
+
+    features: float [N, D]; labels: int [N] (any value where not labelled); labelled: bool [N].
+    """
+    clusters = KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=seed).fit_predict(features)
+    return split_cluster_acc_v2(labels[labelled], clusters[labelled], np.ones(int(labelled.sum()), bool))[0]
+
+
+def brent_search(score: Callable[[int], float], k_min: int, k_max: int) -> tuple[int, dict[int, float]]:
+    """The whole k in [k_min, k_max] that maximises ``score`` by Brent's bounded method, and
+    the score of every k evaluated, in the order evaluated (each k once)."""
+    curve: dict[int, float] = {}
+
+    def score_of(k: int) -> float:
+        if k not in curve:
+            curve[k] = score(k)
+        return curve[k]
+
+    def whole(x: float) -> int:
+        return min(max(math.floor(x + 0.5), k_min), k_max)
+
+    # Each whole k owns [k - 1/2, k + 1/2), so the interval's ends get their fair share; Brent
+    # stops once its bracket is about one k wide.
+    result = minimize_scalar(lambda x: -score_of(whole(x)), bounds=(k_min - 0.49, k_max + 0.49),
+                             method="bounded", options={"xatol": 0.5})
+    best = whole(result.x)
+    # Brent works on a continuum and may stop a step short on whole numbers: step to a better
+    # neighbour while there is one.
+    while True:
+        neighbour = max((k for k in (best - 1, best + 1) if k_min <= k <= k_max), key=score_of, default=best)
+        if score_of(neighbour) <= score_of(best):
+            return best, curve
+        best = neighbour
+
+
+@torch.no_grad()
+def clip_features(clip: torch.nn.Module, dataset: Dataset, args: Namespace,
+                  info: DistInfo) -> dict[str, torch.Tensor]:
+    """The CLIP image embedding (after the projection, L2-normalised) of every item of
+    ``dataset`` (a MergedDataset: image, target, uq_idx, is_labelled), each process computing
+    its shard: {'feature' [N, D] float32, 'target' [N], 'labelled' [N] bool, 'index' [N]} in
+    sample order, on the CPU."""
+    device = torch.device(args.device)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                        sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+                        generator=torch.Generator())  # the global RNG stays untouched
+    local = {key: [] for key in ("feature", "target", "labelled", "index")}
+    for images, targets, uq_idx, labelled in tqdm(loader, desc="CLIP features", leave=False,
+                                                  disable=not (args.progress and info.is_main)):
+        with clip_autocast(device.type, args.amp):
+            features = clip.encode_image(images.to(device, non_blocking=True))
+        local["feature"].append(F.normalize(features.float(), dim=-1).cpu())
+        local["target"].append(targets)
+        local["labelled"].append(labelled)
+        local["index"].append(torch.as_tensor(uq_idx))
+    return gather_predictions({key: torch.cat(parts) for key, parts in local.items()}, info)
+
+
+def search_bounds(args: Namespace, n_images: int) -> tuple[int, int]:
+    """[K_old, --max_classes (default 4 K_old, at least 20)], at most one cluster per image."""
+    k_min = args.num_labeled_classes
+    k_max = min(args.max_classes or max(4 * k_min, 20), n_images)
+    if k_max <= k_min:
+        raise ValueError(f"--max_classes {args.max_classes} leaves no K to search above the {k_min} old "
+                         f"classes ({n_images} training images); give a larger --max_classes.")
+    return k_min, k_max
+
+
+def estimate_k(clip: torch.nn.Module, args: Namespace, info: DistInfo,
+               skip_log: Path | None = None) -> KEstimate:
+    """Estimate K for the dataset and classes of ``args`` (get_class_splits done) with the
+    frozen ``clip``. ``skip_log``: replace unreadable images, recording them there."""
+    start = time.time()
+    _, test_transform = get_transforms(image_size=vision_image_size(args.clip_model),
+                                       normalization=args.normalization)
+    train_set = get_datasets(args.dataset_name, test_transform, test_transform, args)[0]
+    if skip_log is not None:
+        skip_bad_images([train_set], skip_log)
+    data = clip_features(clip, train_set, args, info)
+    features, labels, labelled = (data[key].numpy() for key in ("feature", "target", "labelled"))
+    k_min, k_max = search_bounds(args, len(features))
+    get_logger().info("estimating K: k-means of the CLIP features of %d images, scored on the %d "
+                      "labelled ones, Brent's search of k in [%d, %d]", len(features), labelled.sum(),
+                      k_min, k_max)
+    k, curve = brent_search(partial(labelled_accuracy, features, labels, labelled, seed=args.seed),
+                            k_min, k_max)
+    # Every process ran the same search; rank 0's answer is the run's, whatever the floats did.
+    k = broadcast_object(k, info)
+    return KEstimate(k, curve, list(curve), k_min, k_max, len(features), int(labelled.sum()),
+                     round(time.time() - start, 2))
+
+
+def format_estimate(estimate: KEstimate, num_old: int) -> str:
+    """The estimate and the accuracy-vs-k curve, for the log."""
+    rows = "".join(f"\n    k {k:>5d}  labelled accuracy {estimate.curve[k]:.4f}" + ("  <- K" if k == estimate.k else "")
+                   for k in sorted(estimate.curve))
+    return (f"estimated K = {estimate.k} ({num_old} old + {estimate.k - num_old} new classes): "
+            f"{len(estimate.curve)} values of k evaluated in [{estimate.k_min}, {estimate.k_max}] "
+            f"(a full sweep: {estimate.k_max - estimate.k_min + 1}), {estimate.seconds:.1f} s{rows}")
+
+
+def needs_estimate(args: Namespace) -> bool:
+    """Whether K is still to be estimated: --num_classes auto, or no --num_classes where the
+    new classes are unknown (folder dataset, labelled/unlabelled layout); not once it is."""
+    if getattr(args, "estimated_num_classes", None) is not None:
+        return False
+    return args.num_classes == "auto" or (args.num_classes is None and not args.ground_truth)
+
+
+def k_from_checkpoint(args: Namespace) -> None:
+    """Where K is to be estimated but the run continues a checkpoint (--resume, --stage eval,
+    --stage get), take the checkpoint's K: the same K as before, and no second search."""
+    if not needs_estimate(args):
+        return
+    path = _continued_checkpoint(args)
+    if path is None or not path.is_file():  # a missing file is reported where it is read
+        return
+    num_classes = load_checkpoint(path).get("meta", {}).get("num_classes")
+    if num_classes is not None:
+        args.estimated_num_classes = int(num_classes)
+        get_class_splits(args)
+        get_logger().info("K = %d, as in %s (estimated there, not again)", num_classes, path)
+
+
+def _continued_checkpoint(args: Namespace) -> Path | None:
+    if args.resume:
+        return resume_path(args)
+    if args.stage == "eval":
+        return Path(args.eval_checkpoint)
+    if args.stage == "get":
+        if args.tes_checkpoint:
+            return Path(args.tes_checkpoint)
+        run = latest_run(args, "tes.pt")
+        return run / "tes.pt" if run else None
+    return None
+
+
+def estimate_for_run(run: Run, clip: torch.nn.Module) -> None:
+    """Estimate K before anything trains where it is to be estimated, set it on the run's
+    flags, and keep the record: k_estimate.json, TensorBoard and config.json."""
+    args = run.args
+    if not needs_estimate(args):
+        return
+    skip_log = run.dir / SKIPPED_IMAGES if args.skip_bad_images else None
+    estimate = estimate_k(clip, args, run.info, skip_log)
+    args.estimated_num_classes = estimate.k
+    get_class_splits(args)
+    get_logger().info("%s\n    (the accuracy-vs-k curve: %s and TensorBoard k_estimate/labelled_acc)",
+                      format_estimate(estimate, args.num_labeled_classes), run.dir / K_ESTIMATE)
+    if run.info.is_main:
+        save_json(estimate.record(), run.dir / K_ESTIMATE)
+        config_path = run.dir / "config.json"
+        saved = json.loads(config_path.read_text())
+        save_json({**saved, "estimated_num_classes": estimate.k,
+                   "num_unlabeled_classes": args.num_unlabeled_classes}, config_path)
+        for k in sorted(estimate.curve):
+            run.logger.log_scalars({"k_estimate/labelled_acc": estimate.curve[k]}, k)
+        run.logger.log_scalars({"k_estimate/k": estimate.k}, 0)

@@ -24,7 +24,7 @@ from data.image_cache import ImageCacheError
 from data.get_datasets import get_class_splits
 from data.loaders import Loaders, build_loaders
 from engine import (NonFiniteLossError, Position, Stage, checkpoint_meta, evaluate_run, log_epoch, report,
-                    report_clusters, save_checkpoints, sgd_cosine, train_one_epoch)
+                    save_checkpoints, sgd_cosine, train_one_epoch)
 from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
@@ -33,6 +33,7 @@ from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, cla
 from params import ARCHITECTURE_FLAGS, flag_names, parse_args
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, seed_everything
 from util.dist import barrier, cleanup_distributed, gather_views, init_distributed, wrap_ddp
+from util.clusters import report_clusters
 from util.estimate_k import estimate_for_run, k_from_checkpoint
 from util.eval_cache import EvalCache
 from util.logging_utils import get_logger, setup_logging

@@ -24,7 +24,7 @@ images of anything::
 Nobody knows the new classes, so K comes from ``--num_classes N`` or is estimated
 (util/estimate_k.py), and the unlabelled images cannot be scored: the test split is the
 labelled images (test transform), the only ones whose class is known, and the run describes
-its clusters instead (engine.describe_clusters).
+its clusters instead (util/clusters.py).
 
 An image is a file whose name ends in one of torchvision's image extensions (.jpg, .png, ...);
 hidden files and folders are skipped. Each layout problem (a missing or empty folder, an

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from data.get_datasets import get_class_splits
-from params import fill_defaults, find_problem, get_args_parser
+from params import get_args_parser, parse_args
 from train import USER_ERRORS, build_clip
 from util.dist import cleanup_distributed, init_distributed
 from util.estimate_k import KEstimate, estimate_k, format_estimate
@@ -36,12 +36,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> KEstimate:
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    fill_defaults(args)
-    problem = find_problem(args)
-    if problem:
-        parser.error(problem)
+    args = parse_args(argv, get_parser())
     info = init_distributed(args.device)
     args.device = info.device(args.device)
     setup_logging(None, info.is_main)

@@ -152,9 +152,11 @@ def flag_names() -> list[str]:
     return [action.dest for action in get_args_parser()._actions if action.dest != "help"]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parsed flags with every default resolved; exits with a usage error on invalid input."""
-    parser = get_args_parser()
+def parse_args(argv: list[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parsed flags (of ``parser``, default train.py's) with every default resolved; exits
+    with a usage error on invalid input."""
+    parser = parser or get_args_parser()
     args = parser.parse_args(argv)
     fill_defaults(args)
     problem = find_problem(args)

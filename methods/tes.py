@@ -1,6 +1,8 @@
 """Stage-1 loss of the Text Embedding Synthesizer, GET_SPEC.md §3.
 
     loss = align + distill_ce + distill_mse
+
+Components also carry ``distill_acc``, a logged measurement that is not part of the loss.
 """
 from __future__ import annotations
 
@@ -31,13 +33,18 @@ def tes_distill_loss(
 
     t [2B, D]; class_text T [K_old, D], the CLIP text of the old classes (row = label).
     distill_ce = CE(norm(t)·norm(T)ᵀ, y); distill_mse = ‖norm(t) − norm(T)[y]‖².
+    The components add distill_acc, the fraction of the M rows whose nearest class text is
+    their own (argmax of norm(t)·norm(T)ᵀ = y; 0 if M = 0): a measurement, not in the total.
     """
     text, class_text = F.normalize(t, dim=1), F.normalize(class_text, dim=1)
     safe_labels = labels.where(labelled_mask, 0)  # unlabelled rows: any valid class, masked out
-    ce_rows = F.cross_entropy(text @ class_text.T, safe_labels, reduction="none")
+    logits = text @ class_text.T
+    ce_rows = F.cross_entropy(logits, safe_labels, reduction="none")
     distill_ce = masked_mean(ce_rows, labelled_mask)
     distill_mse = masked_mean((text - class_text[safe_labels]).pow(2).sum(dim=1), labelled_mask)
-    components = {"distill_ce": distill_ce.detach(), "distill_mse": distill_mse.detach()}
+    hits = (logits.detach().argmax(dim=1) == safe_labels).to(logits.dtype)
+    components = {"distill_ce": distill_ce.detach(), "distill_mse": distill_mse.detach(),
+                  "distill_acc": masked_mean(hits, labelled_mask)}
     return distill_ce + distill_mse, components
 
 
@@ -49,7 +56,8 @@ def tes_loss(
     labelled_mask: torch.Tensor,
     class_text: torch.Tensor,
 ) -> Losses:
-    """align + distill_ce + distill_mse; f, t [2B, D], class_text [K_old, D]."""
+    """align + distill_ce + distill_mse; f, t [2B, D], class_text [K_old, D]. Components:
+    align, distill_ce, distill_mse and the measurement distill_acc (not in the total)."""
     align, align_parts = tes_alignment_loss(f, t, logit_scale)
     distill, distill_parts = tes_distill_loss(t, labels, labelled_mask, class_text)
     return align + distill, {**align_parts, **distill_parts}

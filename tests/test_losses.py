@@ -193,20 +193,40 @@ def test_distill_ce_and_squared_error():
     grads_match(loss, (ce + sq) / len(rows), t)
 
 
+def test_distill_accuracy_counts_labelled_rows_nearest_to_their_class_text():
+    # Class texts are the unit axes e0..e4 (scaled: only the direction matters). Labelled
+    # samples 0 (class 3) and 2 (class 1) give rows 0, 2 (view 1) and 4, 6 (view 2).
+    _, labels, mask = make_batch(0, labelled_samples=[0, 2], classes=[3, 1])
+    class_text = 3.0 * torch.eye(K, D, dtype=torch.float64)
+    t = torch.zeros(2 * B, D, dtype=torch.float64)
+    t[0, 3] = 2.0                   # nearest e3, its class: hit
+    t[2, 1], t[2, 2] = 1.0, 0.9     # nearest e1, its class: hit
+    t[4, 0] = 1.0                   # nearest e0, class 3: miss
+    t[6, 2] = 1.0                   # nearest e2, class 1: miss
+    t[[1, 3, 5, 7]] = torch.tensor([1.0, 0, 0, 0, 0, 0], dtype=torch.float64)  # unlabelled
+    t.requires_grad_()
+    loss, parts = tes_distill_loss(t, labels, mask, class_text)
+    assert parts["distill_acc"].item() == 0.5  # 2 hits out of 4 labelled rows
+    assert not parts["distill_acc"].requires_grad
+    # A measurement only: the loss is distill_ce + distill_mse.
+    torch.testing.assert_close(loss.detach(), parts["distill_ce"] + parts["distill_mse"])
+
+
 def test_tes_loss_total_and_no_labelled_rows():
     gen, labels, mask = make_batch(2, labelled_samples=[], classes=[])
     f, t = leaf(gen, 2 * B, D), leaf(gen, 2 * B, D)
     class_text = torch.nn.functional.normalize(torch.randn(K, D, dtype=torch.float64), dim=1)
     total, parts = tes_loss(f, t, 100.0, labels, mask, class_text)
-    assert set(parts) == {"align", "distill_ce", "distill_mse"}
-    assert parts["distill_ce"] == 0 and parts["distill_mse"] == 0
+    assert set(parts) == {"align", "distill_ce", "distill_mse", "distill_acc"}
+    assert parts["distill_ce"] == 0 and parts["distill_mse"] == 0 and parts["distill_acc"] == 0
     torch.testing.assert_close(total, tes_alignment_loss(f, t, 100.0)[0])
     total.backward()
     assert torch.isfinite(t.grad).all() and torch.isfinite(f.grad).all()
 
     _, labels, mask = make_batch(2, labelled_samples=[1], classes=[4])
     total, parts = tes_loss(f, t, 100.0, labels, mask, class_text)
-    torch.testing.assert_close(total.detach(), sum(parts.values()))
+    loss_terms = ("align", "distill_ce", "distill_mse")  # distill_acc is logged, not optimised
+    torch.testing.assert_close(total.detach(), sum(parts[name] for name in loss_terms))
 
 
 # ----------------------------------------------------------------------------- simgcd terms

@@ -1,13 +1,16 @@
-"""The training engine: one epoch of either stage, evaluation, and the checkpoint of a stage.
+"""The training engine: the epoch loop of a stage, one epoch, evaluation and checkpoints.
 
-``train.py`` drives it. Each stage is a ``Stage`` (its model, loss, optimiser and checkpoint);
-``train_one_epoch`` trains it from a ``Position`` (resumable mid-epoch), ``evaluate`` gives
-the Hungarian-matched All/Old/New accuracy of the visual, text and fused predictions.
+``train.py`` builds each stage as a ``Stage`` (its model, loss, optimiser and checkpoint) and
+hands it to ``fit``: for each epoch, ``train_one_epoch`` (resumable mid-epoch from a
+``Position``), an evaluation (``evaluate``: Hungarian-matched All/Old/New accuracy of the
+visual, text and fused predictions), the epoch's log line and ``save_checkpoints``.
 """
 from __future__ import annotations
 
 import json
 import math
+import time
+import warnings
 from argparse import Namespace
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,15 +21,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.data_utils import count_skipped_images
-from data.loaders import SKIPPED_IMAGES
-from params import HEADS, SPLITS
+from model import format_parameter_summary
+from params import HEADS
 from util.checkpoint import LAST_CHECKPOINT, atomic_save, rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
 from util.dist import any_rank, barrier, gather_predictions
 from util.clusters import describe_clusters
 from util.eval_cache import EvalCache, frozen_batches
-from util.logging_utils import get_logger, save_json
+from util.logging_utils import get_logger
+from util.reporting import log_epoch
 from util.runs import Run
 
 # (images [2B, 3, H, W], labels [2B], labelled [2B] bool, epoch) -> (loss, {term: value})
@@ -95,6 +98,36 @@ class Stage:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
         return Position(**checkpoint["loop"])
+
+
+def fit(stage: Stage, loader: DataLoader, run: Run, checkpoint: dict | None,
+        evaluate_epoch: Callable[[int], dict | None] | None = None) -> dict | None:
+    """Train ``stage`` from ``checkpoint`` (or the start); after each epoch: evaluate (every
+    --eval_every epochs and the last), log, checkpoint. Returns the last evaluation ({} when
+    no epoch was left to train), None when stopped on request (the state saved to resume)."""
+    log = get_logger()
+    position = stage.restore(checkpoint) if checkpoint else Position()
+    log.info("parameters:\n%s", format_parameter_summary(stage.model.parameter_summary()))
+    metrics = {}
+    while position.epoch < stage.epochs:
+        start = time.time()
+        due = (position.epoch + 1) % run.args.eval_every == 0 or position.epoch + 1 == stage.epochs
+        finished = train_one_epoch(stage, loader, position, run)
+        metrics = evaluate_epoch(position.epoch) if finished and evaluate_epoch and due else {}
+        if not finished or metrics is None:  # a stop request, during training or evaluation
+            if run.info.is_main:
+                stage.save(run.dir / stage.last_name, position, run.args)
+            log.warning("stopped on request; state saved to %s (resume with --resume auto)",
+                        run.dir / stage.last_name)
+            return None
+        lr = stage.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # resumed at an epoch's end, no step ran here: the schedule is right
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            stage.scheduler.step()
+        log_epoch(stage, position, {"lr": lr, "seconds": round(time.time() - start, 3), "eval": metrics}, run)
+        position.next_epoch()
+        save_checkpoints(stage, position, metrics, run)
+    return metrics
 
 
 def train_one_epoch(stage: Stage, loader: DataLoader, position: Position, run: Run) -> bool:
@@ -172,6 +205,21 @@ def non_finite_error(stage: Stage, position: Position, values: dict[str, float],
            f". No checkpoint of stage '{stage.name}' had been written yet."))
 
 
+def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run) -> None:
+    """The stage's full state after an epoch; ``best.pt`` too when ``--best_metric`` improved."""
+    # Without ground truth (folder dataset, labelled/unlabelled layout) best.pt is the last epoch.
+    value = metrics.get(run.args.best_metric) if getattr(run.args, "ground_truth", True) else position.epoch
+    improved = value is not None and value > position.best
+    if improved:
+        position.best = value
+    if run.info.is_main:
+        if improved:
+            stage.save(run.dir / "best.pt", position, run.args)
+        stage.save(run.dir / stage.last_name, position, run.args)
+    barrier()
+
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run,
              cache: EvalCache | None = None) -> dict[str, float] | None:
@@ -224,61 +272,6 @@ def evaluate_splits(model: torch.nn.Module, loaders: dict[str, DataLoader], num_
     return metrics
 
 
-def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:
-    """A finished epoch to the console, ``metrics.jsonl`` and TensorBoard: ``summary`` (lr,
-    seconds, eval metrics) with the mean loss terms and the stage's schedule values."""
-    epoch, metrics = position.epoch, summary.pop("eval", {})
-    record = {"stage": stage.name, "epoch": epoch, **summary, **stage.schedule(epoch),
-              "loss": {k: v / max(position.step_in_epoch, 1) for k, v in position.sums.items()}}
-    if metrics:
-        record["eval"] = metrics
-    if run.args.skip_bad_images and count_skipped_images(run.dir / SKIPPED_IMAGES):
-        record["skipped_images"] = count_skipped_images(run.dir / SKIPPED_IMAGES)
-        get_logger().warning("skipped %d unreadable images so far (listed in %s)",
-                             record["skipped_images"], run.dir / SKIPPED_IMAGES)
-    run.logger.log_scalars({f"{stage.name}/lr": record["lr"],
-                            **{f"{stage.name}/epoch_loss/{k}": v for k, v in record["loss"].items()},
-                            **{f"{stage.name}/{k}": v for k, v in stage.schedule(epoch).items()},
-                            **{f"eval/{k}": v for k, v in metrics.items() if not k.endswith("n_samples")}},
-                           epoch)
-    run.logger.log_epoch(record)
-    get_logger().info("%s epoch %d/%d  loss %.4f  lr %.4g  (%.1fs)%s", stage.name, epoch + 1,
-                      stage.epochs, record["loss"].get("total", float("nan")), record["lr"],
-                      record["seconds"], format_eval(metrics))
-
-
-def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run) -> None:
-    """The stage's full state after an epoch; ``best.pt`` too when ``--best_metric`` improved."""
-    # Without ground truth (folder dataset, labelled/unlabelled layout) best.pt is the last epoch.
-    value = metrics.get(run.args.best_metric) if getattr(run.args, "ground_truth", True) else position.epoch
-    improved = value is not None and value > position.best
-    if improved:
-        position.best = value
-    if run.info.is_main:
-        if improved:
-            stage.save(run.dir / "best.pt", position, run.args)
-        stage.save(run.dir / stage.last_name, position, run.args)
-    barrier()
-
-
-def format_eval(metrics: dict) -> str:
-    """Rows of All/Old/New per head for each evaluated split ('' without metrics)."""
-    rows = [f"\n    {split:<17}" + "  ".join(
-        f"{head} {metrics[f'{split}/{head}/all']:.4f}/{metrics[f'{split}/{head}/old']:.4f}/"
-        f"{metrics[f'{split}/{head}/new']:.4f}" for head in HEADS)
-        for split in SPLITS if f"{split}/visual/all" in metrics]
-    return "  (All/Old/New)" + "".join(rows) if rows else ""
-
-
-def report(metrics: dict, run: Run, title: str, file_name: str) -> dict:
-    """The final metrics to the log and to ``file_name`` in the run folder."""
-    get_logger().info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics))
-    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
-    if run.info.is_main:
-        save_json(metrics, run.dir / file_name)
-    return metrics
-
-
 def evaluate_run(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int, run: Run,
                  caches: dict[str, EvalCache] | None = None) -> dict[str, float] | None:
     """``evaluate_splits`` of the splits that have images (a folder dataset may have no test
@@ -287,3 +280,21 @@ def evaluate_run(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old
     loaders = {split: loader for split, loader in loaders.items() if len(loader.dataset)}
     evaluate = evaluate_splits if getattr(run.args, "ground_truth", True) else describe_clusters
     return evaluate(model, loaders, num_old, run, caches)
+
+
+def epoch_evaluation(model: torch.nn.Module, splits: dict[str, DataLoader], run: Run) -> Callable[[int], dict | None]:
+    """Stage 2's evaluation after an epoch: the unlabelled training images, and the test split
+    at the end (or every --test_every epochs, or always when --best_metric reads it). A split
+    evaluated more than once keeps its frozen part cached (--eval_cache_gb each)."""
+    args, budget = run.args, int(run.args.eval_cache_gb * 2**30)
+    test_always = args.best_metric.startswith("test/")
+    repeated = ["train_unlabelled"] + (["test"] if args.test_every or test_always else [])
+    caches = {split: EvalCache(split, budget) for split in repeated} if budget else {}
+
+    def evaluate_epoch(epoch: int) -> dict | None:
+        test_due = (epoch + 1 == args.epochs or test_always
+                    or bool(args.test_every) and (epoch + 1) % args.test_every == 0)
+        due = {split: loader for split, loader in splits.items() if split != "test" or test_due}
+        return evaluate_run(model, due, args.num_labeled_classes, run, caches)
+
+    return evaluate_epoch

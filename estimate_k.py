@@ -18,8 +18,9 @@ import sys
 from pathlib import Path
 
 from data.get_datasets import get_class_splits
+from model import build_clip
 from params import get_args_parser, parse_args
-from train import USER_ERRORS, build_clip
+from train import USER_ERRORS
 from util.dist import cleanup_distributed, init_distributed
 from util.estimate_k import KEstimate, estimate_k, format_estimate
 from util.logging_utils import get_logger, save_json, setup_logging

@@ -32,7 +32,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from util.checkpoint import CheckpointError
+from util.checkpoint import CheckpointError, seed_everything
 
 TINY_MODEL_NAME = "GET-tiny"
 _MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -730,6 +730,29 @@ def fuse(out: dict[str, Tensor], fuse_temperature: float) -> dict[str, Tensor]:
         fused = (F.softmax(out["v_logits"] / fuse_temperature, dim=-1)
                  + F.softmax(out["t_logits"] / fuse_temperature, dim=-1)) / 2
     return {"v_logits": out["v_logits"], "t_logits": out["t_logits"], "fused_probs": fused}
+
+
+def build_clip(args) -> open_clip.CLIP:
+    """The frozen CLIP of the flags (--clip_model, --pretrained, --device, --clip_cache_dir),
+    then every generator seeded with --seed."""
+    # Seeding before CLIP is built makes a randomly initialised CLIP identical in every process,
+    # in a resumed run and in predict.py; pretrained weights are loaded, not drawn.
+    seed_everything(args.seed)
+    clip = load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
+    seed_everything(args.seed)
+    return clip
+
+
+def build_get_model(clip_model: open_clip.CLIP, tes_projector: dict, meta: Mapping,
+                    amp: bool = False) -> GETModel:
+    """The stage-2 model on ``clip_model`` with a trained TES projector, as ``meta`` (that of a
+    stage-2 checkpoint) describes it: ``num_classes``, ``n_words`` and the architecture flags
+    (``params.ARCHITECTURE_FLAGS``)."""
+    tes = TextEmbeddingSynthesizer(clip_model, n_words=meta["n_words"])
+    tes.projector.load_state_dict(tes_projector)
+    head = HeadConfig(meta["shared_head"], meta["head_hidden_dim"], meta["head_bottleneck_dim"])
+    return GETModel(clip_model, tes, meta["num_classes"], meta["grad_from_block"], meta["use_projection"],
+                    head, amp=amp)
 
 
 def format_parameter_summary(rows: list[tuple[str, int, int]]) -> str:

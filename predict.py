@@ -37,10 +37,10 @@ from tqdm import tqdm
 from data.augmentations import get_transforms
 from data.data_utils import ImageLoadError, load_image
 from data.get_datasets import get_class_names, get_class_splits, get_datasets
-from model import (GETModel, HeadConfig, TextEmbeddingSynthesizer, class_text_embeddings, get_tokenizer,
-                   load_clip, vision_image_size)
-from params import ARCHITECTURE_FLAGS, HEADS
-from util.checkpoint import CheckpointError, load_checkpoint, seed_everything
+from model import (GETModel, build_clip, build_get_model, class_text_embeddings, get_tokenizer,
+                   vision_image_size)
+from params import HEADS
+from util.checkpoint import CheckpointError, load_checkpoint
 from util.logging_utils import get_logger, setup_logging
 
 
@@ -202,16 +202,7 @@ def run_args(ckpt: dict, opts: Namespace, device: str) -> Namespace:
 
 def build_model(ckpt: dict, args: Namespace) -> GETModel:
     """The run's stage-2 model with the checkpoint's weights, in eval mode."""
-    # As train.py: seeding before CLIP is built reproduces a randomly initialised CLIP.
-    seed_everything(args.seed)
-    clip = load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
-    meta = ckpt["meta"]
-    tes = TextEmbeddingSynthesizer(clip, n_words=meta["n_words"])
-    tes.projector.load_state_dict(ckpt["tes_projector"])
-    arch = {key: meta[key] for key in ARCHITECTURE_FLAGS}
-    head = HeadConfig(arch["shared_head"], arch["head_hidden_dim"], arch["head_bottleneck_dim"])
-    model = GETModel(clip, tes, meta["num_classes"], arch["grad_from_block"], arch["use_projection"], head,
-                     amp=args.amp)
+    model = build_get_model(build_clip(args), ckpt["tes_projector"], ckpt["meta"], amp=args.amp)
     try:
         model.load_trainable_state_dict(ckpt["model"])
     except ValueError as err:

@@ -6,37 +6,34 @@ dual-branch GCD model), with evaluation, TensorBoard, checkpoints and resume.
     python train.py --dataset_name cub --resume auto    # pick up the latest run of --exp_name
     torchrun --nproc_per_node 4 train.py --dataset_name imagenet_1k
 
-Flags: params.py. One epoch, evaluation, checkpoints: engine.py. Models: model.py. Losses:
+Flags: params.py. The epoch loop, evaluation, checkpoints: engine.py. Models: model.py. Losses:
 methods/. Everything a run writes goes to ``<exp_root>/<dataset>/<exp_name>-<timestamp>/``.
 """
 from __future__ import annotations
 
 import sys
-import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from data.data_utils import ImageLoadError
-from data.image_cache import ImageCacheError
 from data.get_datasets import get_class_splits
+from data.image_cache import ImageCacheError
 from data.loaders import Loaders, build_loaders
-from engine import (NonFiniteLossError, Position, Stage, checkpoint_meta, evaluate_run, log_epoch, report,
-                    save_checkpoints, sgd_cosine, train_one_epoch)
+from engine import (NonFiniteLossError, Stage, checkpoint_meta, epoch_evaluation, evaluate_run, fit,
+                    sgd_cosine)
 from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
-from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, class_text_embeddings,
-                   format_parameter_summary, get_tokenizer, load_clip, vision_image_size)
+from model import (TESStage, TextEmbeddingSynthesizer, build_clip, build_get_model, class_text_embeddings,
+                   get_tokenizer, vision_image_size)
 from params import ARCHITECTURE_FLAGS, flag_names, parse_args
 from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, seed_everything
 from util.dist import barrier, cleanup_distributed, gather_views, init_distributed, wrap_ddp
-from util.clusters import report_clusters
 from util.estimate_k import estimate_for_run, k_from_checkpoint
-from util.eval_cache import EvalCache
 from util.logging_utils import get_logger, setup_logging
+from util.reporting import report
 from util.resume import Resume, find_resume
 from util.runs import Run, RunLockedError, find_tes_checkpoint, new_run_dir, open_run
 
@@ -65,11 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run_stages(run: Run, clip, data: Loaders, resume: Resume | None) -> dict:
     """Evaluate a checkpoint, or train the stages in turn from where the run is."""
     args = run.args
-    # Without ground truth (folder dataset, labelled/unlabelled layout) there is no accuracy to
-    # report, only what the clusters show.
-    summary = report if args.ground_truth else report_clusters
     if args.stage == "eval":
-        return summary(evaluate_checkpoint(run, clip, data), run, f"accuracy of {args.eval_checkpoint}",
+        return report(evaluate_checkpoint(run, clip, data), run, f"accuracy of {args.eval_checkpoint}",
                        "eval_metrics.json")
     if resume and resume.stage == "get":
         projector = resume.checkpoint["tes_projector"]
@@ -80,17 +74,7 @@ def run_stages(run: Run, clip, data: Loaders, resume: Resume | None) -> dict:
     if projector is None or args.stage == "tes":
         return {}
     metrics = stage2(run, clip, projector, data, resume.checkpoint if resume and resume.stage == "get" else None)
-    return {} if metrics is None else summary(metrics, run, "final accuracy", "final_metrics.json")
-
-
-def build_clip(args) -> torch.nn.Module:
-    """The frozen CLIP, then every generator seeded for stage 1."""
-    # Seeding before CLIP is built makes a randomly initialised CLIP identical in every process
-    # and in a resumed run; pretrained weights are loaded, not drawn.
-    seed_everything(args.seed)
-    clip = load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
-    seed_everything(args.seed)
-    return clip
+    return {} if metrics is None else report(metrics, run, "final accuracy", "final_metrics.json")
 
 
 def stage1(run: Run, clip, data: Loaders, checkpoint: dict | None) -> dict | None:
@@ -113,7 +97,7 @@ def stage1(run: Run, clip, data: Loaders, checkpoint: dict | None) -> dict | Non
 
     optim = sgd_cosine(model.trainable_parameters(), args.tes_lr, args.tes_epochs, args)
     stage = Stage("tes", model, loss_fn, *optim, args.tes_epochs, checkpoint_meta(args))
-    if fit(stage, data, run, checkpoint) is None:
+    if fit(stage, data.train, run, checkpoint) is None:
         return None
     if run.info.is_main:
         atomic_save({"meta": stage.meta, "projector": model.tes.projector.state_dict()}, out)
@@ -138,7 +122,8 @@ def stage2(run: Run, clip, projector: dict, data: Loaders, checkpoint: dict | No
     # Stage 2 starts from the same random state whatever happened after stage 1 (a kill
     # before its first checkpoint, a separate --stage get run).
     seed_everything(args.seed + 1)
-    model = build_get_model(args, clip, projector)
+    meta = {**checkpoint_meta(args), **{key: getattr(args, key) for key in ARCHITECTURE_FLAGS}}
+    model = build_get_model(clip, projector, meta, args.amp)
     net = wrap_ddp(torch.compile(model) if args.compile else model, run.info)
     teacher_temp = partial(teacher_temperature, warmup_temp=args.warmup_teacher_temp,
                            final_temp=args.teacher_temp, warmup_epochs=args.warmup_teacher_temp_epochs)
@@ -148,69 +133,14 @@ def stage2(run: Run, clip, projector: dict, data: Loaders, checkpoint: dict | No
         return get_loss(b, b["labels"], b["labelled"], teacher_temp(epoch), sup_weight=args.sup_weight,
                         memax_weight=args.memax_weight, cico_weight=args.cico_weight)
 
-    meta = {**checkpoint_meta(args), **{key: getattr(args, key) for key in ARCHITECTURE_FLAGS}}
     optim = sgd_cosine(model.trainable_parameters(), args.lr, args.epochs, args)
     stage = Stage("get", model, loss_fn, *optim, args.epochs, meta,
                   extra={"tes_projector": model.tes.projector.state_dict()},
                   schedule=lambda epoch: {"teacher_temp": teacher_temp(epoch)})
-    evaluate_epoch = partial(evaluate_stage2, model, data, run, eval_caches(args))
-    metrics = fit(stage, data, run, checkpoint, evaluate_epoch)
+    evaluate_epoch = epoch_evaluation(model, data.eval_splits, run)
+    metrics = fit(stage, data.train, run, checkpoint, evaluate_epoch)
     # Resumed after the last epoch: nothing left to train, evaluate the finished model.
     return evaluate_epoch(args.epochs - 1) if metrics == {} else metrics
-
-
-def evaluate_stage2(model: GETModel, data: Loaders, run: Run, caches: dict, epoch: int) -> dict | None:
-    """The unlabelled training images, and the test split at the end (or every --test_every
-    epochs, or always when --best_metric reads it)."""
-    args, splits = run.args, dict(data.eval_splits)
-    if not (epoch + 1 == args.epochs or args.best_metric.startswith("test/")
-            or args.test_every and (epoch + 1) % args.test_every == 0):
-        del splits["test"]
-    return evaluate_run(model, splits, args.num_labeled_classes, run, caches)
-
-
-def eval_caches(args) -> dict[str, EvalCache]:
-    """An evaluation cache for each split evaluated more than once (--eval_cache_gb each)."""
-    budget = int(args.eval_cache_gb * 2**30)
-    repeated = ["train_unlabelled"] + (["test"] if args.test_every or args.best_metric.startswith("test/") else [])
-    return {split: EvalCache(split, budget) for split in repeated} if budget else {}
-
-
-def fit(stage: Stage, data: Loaders, run: Run, checkpoint: dict | None,
-        evaluate_model: Callable[[int], dict | None] | None = None) -> dict | None:
-    """From ``checkpoint`` (or the start), for each epoch: train, evaluate (every --eval_every
-    epochs and the last), log, checkpoint. Returns the last evaluation ({} when no epoch was
-    left to train), None when stopped on request (the state saved to resume from)."""
-    log = get_logger()
-    position = stage.restore(checkpoint) if checkpoint else Position()
-    log.info("parameters:\n%s", format_parameter_summary(stage.model.parameter_summary()))
-    metrics = {}
-    while position.epoch < stage.epochs:
-        start = time.time()
-        due = (position.epoch + 1) % run.args.eval_every == 0 or position.epoch + 1 == stage.epochs
-        finished = train_one_epoch(stage, data.train, position, run)
-        metrics = evaluate_model(position.epoch) if finished and evaluate_model and due else {}
-        if not finished or metrics is None:  # a stop request, during training or evaluation
-            if run.info.is_main:
-                stage.save(run.dir / stage.last_name, position, run.args)
-            log.warning("stopped on request; state saved to %s (resume with --resume auto)",
-                        run.dir / stage.last_name)
-            return None
-        lr = stage.optimizer.param_groups[0]["lr"]
-        stage.scheduler.step()
-        log_epoch(stage, position, {"lr": lr, "seconds": round(time.time() - start, 3), "eval": metrics}, run)
-        position.next_epoch()
-        save_checkpoints(stage, position, metrics, run)
-    return metrics
-
-
-def build_get_model(args, clip, tes_projector: dict) -> GETModel:
-    tes = TextEmbeddingSynthesizer(clip, n_words=args.n_words)
-    tes.projector.load_state_dict(tes_projector)
-    head = HeadConfig(args.shared_head, args.head_hidden_dim, args.head_bottleneck_dim)
-    num_classes = args.num_labeled_classes + args.num_unlabeled_classes
-    return GETModel(clip, tes, num_classes, args.grad_from_block, args.use_projection, head,
-                    amp=args.amp).to(torch.device(args.device))
 
 
 def evaluate_checkpoint(run: Run, clip, data: Loaders) -> dict:
@@ -222,7 +152,7 @@ def evaluate_checkpoint(run: Run, clip, data: Loaders) -> dict:
                               "checkpoint (last.pt or best.pt of a stage-2 run)")
     for key in ARCHITECTURE_FLAGS:
         setattr(args, key, ckpt["meta"][key])
-    model = build_get_model(args, clip, ckpt["tes_projector"])
+    model = build_get_model(clip, ckpt["tes_projector"], ckpt["meta"], args.amp)
     model.load_trainable_state_dict(ckpt["model"])
     return evaluate_run(model, data.eval_splits, args.num_labeled_classes, run)
 

@@ -148,7 +148,7 @@ def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, cub_
 # --------------------------------------------------------------------------- 8, 9. true logs
 def test_logs_hold_each_epoch_and_step_once_after_a_kill(tmp_path, cub_root, monkeypatch):
     argv = tiny_argv(tmp_path, cub_root, "--epochs", "3")
-    real, calls = train.save_checkpoints, {"n": 0}
+    real, calls = engine.save_checkpoints, {"n": 0}
 
     def die_after_logging(stage, *args):  # killed between the metrics line and the save
         calls["n"] += stage.name == "get"
@@ -156,7 +156,7 @@ def test_logs_hold_each_epoch_and_step_once_after_a_kill(tmp_path, cub_root, mon
             raise SystemExit(137)
         real(stage, *args)
 
-    monkeypatch.setattr(train, "save_checkpoints", die_after_logging)
+    monkeypatch.setattr(engine, "save_checkpoints", die_after_logging)
     with pytest.raises(SystemExit):
         train.main(argv)
     monkeypatch.undo()
@@ -262,13 +262,13 @@ def test_checkpoints_follow_the_umask(tmp_path):
 def test_a_stop_during_evaluation_abandons_it_and_resumes_exactly(tmp_path, cub_root, monkeypatch):
     argv = tiny_argv(tmp_path, cub_root, "--epochs", "2")
     reference = train.main(argv + ["--exp_name", "full"])
-    real = train.evaluate_run
+    real = engine.evaluate_run
 
     def stop_then_evaluate(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(train, "evaluate_run", stop_then_evaluate)
+    monkeypatch.setattr(engine, "evaluate_run", stop_then_evaluate)
     assert train.main(argv + ["--exp_name", "cut"]) == {}
     monkeypatch.undo()
     (run,) = run_dirs(tmp_path, "cut")

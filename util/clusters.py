@@ -62,16 +62,3 @@ def format_clusters(metrics: dict, num_classes: int) -> str:
         f"old-class clusters, {metrics[f'train_unlabelled/{head}/clusters_used']}/{num_classes} clusters used"
         + (f", labelled accuracy {metrics[f'train_labelled/{head}/acc']:.4f}"
            if f"train_labelled/{head}/acc" in metrics else "") for head in HEADS)
-
-
-def report_clusters(metrics: dict, run: Run, title: str, file_name: str) -> dict:
-    """``report`` without ground truth: ``title`` and what the clusters show, to the log and
-    to ``file_name`` in the run folder."""
-    get_logger().info("%s: the unlabelled images have no ground truth, so there is no accuracy; "
-                      "their clusters:%s\n    cluster sizes: %s", title,
-                      format_clusters(metrics, run.args.num_labeled_classes + run.args.num_unlabeled_classes),
-                      run.dir / CLUSTER_SIZES)
-    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
-    if run.info.is_main:
-        save_json(metrics, run.dir / file_name)
-    return metrics

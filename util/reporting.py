@@ -1,0 +1,63 @@
+"""What a run prints and records of its results: one line per epoch (console, ``log.txt``,
+``metrics.jsonl``, TensorBoard) and the final accuracy table (log and a JSON file)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from data.data_utils import count_skipped_images
+from data.loaders import SKIPPED_IMAGES
+from params import HEADS, SPLITS
+from util.clusters import CLUSTER_SIZES, format_clusters
+from util.logging_utils import get_logger, save_json
+from util.runs import Run
+
+if TYPE_CHECKING:
+    from engine import Position, Stage
+
+
+def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:
+    """A finished epoch to the console, ``metrics.jsonl`` and TensorBoard: ``summary`` (lr,
+    seconds, eval metrics) with the mean loss terms and the stage's schedule values."""
+    epoch, metrics = position.epoch, summary.pop("eval", {})
+    record = {"stage": stage.name, "epoch": epoch, **summary, **stage.schedule(epoch),
+              "loss": {k: v / max(position.step_in_epoch, 1) for k, v in position.sums.items()}}
+    if metrics:
+        record["eval"] = metrics
+    if run.args.skip_bad_images and count_skipped_images(run.dir / SKIPPED_IMAGES):
+        record["skipped_images"] = count_skipped_images(run.dir / SKIPPED_IMAGES)
+        get_logger().warning("skipped %d unreadable images so far (listed in %s)",
+                             record["skipped_images"], run.dir / SKIPPED_IMAGES)
+    run.logger.log_scalars({f"{stage.name}/lr": record["lr"],
+                            **{f"{stage.name}/epoch_loss/{k}": v for k, v in record["loss"].items()},
+                            **{f"{stage.name}/{k}": v for k, v in stage.schedule(epoch).items()},
+                            **{f"eval/{k}": v for k, v in metrics.items() if not k.endswith("n_samples")}},
+                           epoch)
+    run.logger.log_epoch(record)
+    get_logger().info("%s epoch %d/%d  loss %.4f  lr %.4g  (%.1fs)%s", stage.name, epoch + 1,
+                      stage.epochs, record["loss"].get("total", float("nan")), record["lr"],
+                      record["seconds"], format_eval(metrics))
+
+
+def format_eval(metrics: dict) -> str:
+    """Rows of All/Old/New per head for each evaluated split ('' without metrics)."""
+    rows = [f"\n    {split:<17}" + "  ".join(
+        f"{head} {metrics[f'{split}/{head}/all']:.4f}/{metrics[f'{split}/{head}/old']:.4f}/"
+        f"{metrics[f'{split}/{head}/new']:.4f}" for head in HEADS)
+        for split in SPLITS if f"{split}/visual/all" in metrics]
+    return "  (All/Old/New)" + "".join(rows) if rows else ""
+
+
+def report(metrics: dict, run: Run, title: str, file_name: str) -> dict:
+    """The final metrics to the log and to ``file_name`` in the run folder. Without ground truth
+    (folder dataset, labelled/unlabelled layout) there is no accuracy, only what the clusters show."""
+    if getattr(run.args, "ground_truth", True):
+        get_logger().info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics))
+    else:
+        num_classes = run.args.num_labeled_classes + run.args.num_unlabeled_classes
+        get_logger().info("%s: the unlabelled images have no ground truth, so there is no accuracy; "
+                          "their clusters:%s\n    cluster sizes: %s", title,
+                          format_clusters(metrics, num_classes), run.dir / CLUSTER_SIZES)
+    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
+    if run.info.is_main:
+        save_json(metrics, run.dir / file_name)
+    return metrics

@@ -24,14 +24,19 @@ TEST_EVERY = 5
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
+def ink_to_rgb(counts: np.ndarray) -> np.ndarray:
+    """Ink counts 0..16 [..., 8, 8] -> uint8 RGB images [..., 32, 32, 3]: dark ink on white,
+    each pixel repeated 4x4 (also how scripts/pretrain_tiny_clip.py serves its rendered digits)."""
+    grey = np.rint(255.0 - counts * (255.0 / 16.0)).astype(np.uint8)
+    large = grey.repeat(UPSCALE, axis=-2).repeat(UPSCALE, axis=-1)
+    return np.repeat(large[..., None], 3, axis=-1)
+
+
 @lru_cache(maxsize=1)
 def _all_digits() -> tuple[np.ndarray, np.ndarray]:
     """All images as uint8 [1797, 32, 32, 3] and their labels int64 [1797]."""
     digits = load_digits()
-    grey = np.rint(255.0 - digits.images * (255.0 / 16.0)).astype(np.uint8)
-    large = grey.repeat(UPSCALE, axis=1).repeat(UPSCALE, axis=2)
-    rgb = np.repeat(large[..., None], 3, axis=-1)
-    return rgb, digits.target.astype(np.int64)
+    return ink_to_rgb(digits.images), digits.target.astype(np.int64)
 
 
 def _load_split(root: Path | None, train: bool) -> RawSplit:

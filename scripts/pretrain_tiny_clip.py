@@ -58,8 +58,8 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.augmentations import NORMALIZATIONS, get_transforms  # noqa: E402
-from data.digits import CLASS_NAMES, DIGITS, UPSCALE  # noqa: E402
+from data.augmentations import NORMALIZATIONS, get_transforms, resize_step  # noqa: E402
+from data.digits import CLASS_NAMES, DIGITS, UPSCALE, ink_to_rgb  # noqa: E402
 from model import class_text_embeddings, get_tokenizer, load_clip, vision_image_size  # noqa: E402
 
 # Caption templates: {w} is the class name ("seven"), {d} the numeral ("7").
@@ -209,13 +209,6 @@ def elastic(image: np.ndarray, rng: np.random.Generator, alpha: float = ELASTIC_
     return ndimage.map_coordinates(image, [rows + shift[0], cols + shift[1]], order=1, mode="constant")
 
 
-def as_demo_image(counts: np.ndarray) -> Image.Image:
-    """8x8 ink counts 0..16 -> the 32x32 RGB image data/digits.py makes of a scikit-learn digit."""
-    grey = np.rint(255.0 - counts * (255.0 / 16.0)).astype(np.uint8)
-    large = grey.repeat(UPSCALE, axis=0).repeat(UPSCALE, axis=1)
-    return Image.fromarray(np.repeat(large[..., None], 3, axis=-1))
-
-
 def render_pool(per_class: int, fonts: list[str], pen_share: float,
                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` rendered images of every digit, resized as the demo's transforms do.
@@ -224,7 +217,7 @@ def render_pool(per_class: int, fonts: list[str], pen_share: float,
     resize of the demo's transforms, and int64 [N] digits; random crops are taken later.
     """
     rng = np.random.default_rng(seed)
-    resize = get_transforms(BITMAP)[1].transforms[0]  # the demo's Resize(36, bicubic)
+    resize = resize_step(BITMAP)  # the demo's Resize(36, bicubic)
     loaded = [(_font(name, RENDER_SIZE), "Bold" in Path(name).name) for name in fonts]
     images, labels = [], []
     for i in range(per_class * 10):
@@ -233,7 +226,7 @@ def render_pool(per_class: int, fonts: list[str], pen_share: float,
             glyph = write_with_pen(digit, rng)
         else:
             glyph = write_with_font(digit, *loaded[int(rng.integers(len(loaded)))], rng)
-        picture = resize(as_demo_image(render_digit(glyph, rng)))
+        picture = resize(Image.fromarray(ink_to_rgb(render_digit(glyph, rng))))
         images.append(np.asarray(picture)[..., 0])
         labels.append(digit)
     return torch.from_numpy(np.stack(images)), torch.tensor(labels)

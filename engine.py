@@ -208,7 +208,7 @@ def non_finite_error(stage: Stage, position: Position, values: dict[str, float],
 def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run) -> None:
     """The stage's full state after an epoch; ``best.pt`` too when ``--best_metric`` improved."""
     # Without ground truth (folder dataset, labelled/unlabelled layout) best.pt is the last epoch.
-    value = metrics.get(run.args.best_metric) if getattr(run.args, "ground_truth", True) else position.epoch
+    value = metrics.get(run.args.best_metric) if run.args.ground_truth else position.epoch
     improved = value is not None and value > position.best
     if improved:
         position.best = value
@@ -227,12 +227,15 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run,
     images of ``loader`` (gathered from every process), and their number; None when a stop
     was requested meanwhile (the evaluation is abandoned)."""
     preds = predict_split(model, loader, run, cache)
-    if preds is None:
-        return None
+    return None if preds is None else accuracies(preds, num_old, run.args.eval_func)
+
+
+def accuracies(preds: dict[str, Tensor], num_old: int, eval_func: str) -> dict[str, float]:
+    """{'<head>/<all|old|new>': accuracy, 'n_samples': N} of the predictions of ``predict_split``."""
     y_true = preds["target"].numpy()
     metrics = {"n_samples": len(y_true)}
     for head in HEADS:
-        accs = log_accs_from_preds(y_true, preds[head].numpy(), y_true < num_old, eval_func=run.args.eval_func)
+        accs = log_accs_from_preds(y_true, preds[head].numpy(), y_true < num_old, eval_func=eval_func)
         metrics.update({f"{head}/{group}": float(acc) for group, acc in zip(("all", "old", "new"), accs)})
     return metrics
 
@@ -244,42 +247,37 @@ def predict_split(model: torch.nn.Module, loader: DataLoader, run: Run,
     sample order over all processes; None when a stop was requested meanwhile."""
     model.eval()
     batches = cache.batches_of(model, loader, run) if cache else frozen_batches(model, loader, run)
-    local = {k: [] for k in ("index", "target", *HEADS)}
-    for tokens, tes_out, targets, uq_idx in tqdm(batches, total=len(loader), leave=False,
-                                                 disable=not (run.args.progress and run.info.is_main)):
+    clusters, targets, indices = [], [], []
+    for tokens, tes_out, target, uq_idx in tqdm(batches, total=len(loader), leave=False,
+                                                disable=not (run.args.progress and run.info.is_main)):
         if any_rank(run.stop.requested, device=run.device)[0]:
             return None
         out = model.predict_from(tokens, tes_out)
-        local["visual"].append(out["v_logits"].argmax(1).cpu())
-        local["text"].append(out["t_logits"].argmax(1).cpu())
-        local["fused"].append(out["fused_probs"].argmax(1).cpu())
-        local["target"].append(targets)
-        local["index"].append(torch.as_tensor(uq_idx))
-    return gather_predictions({k: torch.cat(v) if v else torch.empty(0, dtype=torch.long)
-                               for k, v in local.items()}, run.info)
-
-
-def evaluate_splits(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int,
-                    run: Run, caches: dict[str, EvalCache] | None = None) -> dict[str, float] | None:
-    """``evaluate`` on each split: {'<split>/<head>/<all|old|new>': accuracy, ...}; None when
-    a stop was requested."""
-    metrics = {}
-    for split, loader in loaders.items():
-        result = evaluate(model, loader, num_old, run, (caches or {}).get(split))
-        if result is None:
-            return None
-        metrics.update({f"{split}/{key}": value for key, value in result.items()})
-    return metrics
+        # One copy to the host per batch: [3, n] clusters in HEADS order.
+        clusters.append(torch.stack([out[key].argmax(1) for key in ("v_logits", "t_logits", "fused_probs")]).cpu())
+        targets.append(target)
+        indices.append(torch.as_tensor(uq_idx))
+    empty = torch.empty(0, dtype=torch.long)
+    local = dict(zip(HEADS, torch.cat(clusters, dim=1) if clusters else [empty] * len(HEADS)))
+    local.update(target=torch.cat(targets) if targets else empty, index=torch.cat(indices) if indices else empty)
+    return gather_predictions(local, run.info)
 
 
 def evaluate_run(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old: int, run: Run,
                  caches: dict[str, EvalCache] | None = None) -> dict[str, float] | None:
-    """``evaluate_splits`` of the splits that have images (a folder dataset may have no test
-    split) where the classes of the unlabelled images are known, ``describe_clusters`` where
-    they are not."""
-    loaders = {split: loader for split, loader in loaders.items() if len(loader.dataset)}
-    evaluate = evaluate_splits if getattr(run.args, "ground_truth", True) else describe_clusters
-    return evaluate(model, loaders, num_old, run, caches)
+    """Each split that has images (a folder dataset may have no test split) predicted, then
+    {'<split>/<head>/<all|old|new>': accuracy, ...} where the classes of the unlabelled images
+    are known, ``describe_clusters`` where they are not; None when a stop was requested."""
+    preds = {}
+    for split, loader in loaders.items():
+        if len(loader.dataset):
+            preds[split] = predict_split(model, loader, run, (caches or {}).get(split))
+            if preds[split] is None:
+                return None
+    if not run.args.ground_truth:
+        return describe_clusters(preds, num_old, run)
+    return {f"{split}/{key}": value for split, split_preds in preds.items()
+            for key, value in accuracies(split_preds, num_old, run.args.eval_func).items()}
 
 
 def epoch_evaluation(model: torch.nn.Module, splits: dict[str, DataLoader], run: Run) -> Callable[[int], dict | None]:

@@ -755,6 +755,17 @@ def build_get_model(clip_model: open_clip.CLIP, tes_projector: dict, meta: Mappi
                     head, amp=amp)
 
 
+def get_model_from_checkpoint(clip_model: open_clip.CLIP, ckpt: dict, path: str, amp: bool = False) -> GETModel:
+    """The stage-2 model of ``ckpt`` (read from ``path``, see ``load_stage2_checkpoint``) with
+    its trained weights."""
+    model = build_get_model(clip_model, ckpt["tes_projector"], ckpt["meta"], amp)
+    try:
+        model.load_trainable_state_dict(ckpt["model"])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    return model
+
+
 def format_parameter_summary(rows: list[tuple[str, int, int]]) -> str:
     """A small table of ``parameter_summary()`` rows with a total line."""
     lines = [f"{name:<40s} trainable {trainable:>12,d} / {total:>12,d}"

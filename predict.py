@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -37,10 +36,11 @@ from tqdm import tqdm
 from data.augmentations import get_transforms
 from data.data_utils import ImageLoadError, load_image
 from data.get_datasets import get_class_names, get_class_splits, get_datasets
-from model import (GETModel, build_clip, build_get_model, class_text_embeddings, get_tokenizer,
+from model import (GETModel, build_clip, class_text_embeddings, get_model_from_checkpoint, get_tokenizer,
                    vision_image_size)
 from params import HEADS
-from util.checkpoint import CheckpointError, load_checkpoint
+from util.checkpoint import CheckpointError, load_stage2_checkpoint
+from util.cluster_and_log_utils import cluster_to_class
 from util.logging_utils import get_logger, setup_logging
 
 
@@ -116,12 +116,11 @@ def main(argv: list[str] | None = None) -> Path:
     loader_opts = dict(batch_size=opts.batch_size, num_workers=opts.num_workers,
                        pin_memory=device.startswith("cuda"))
 
-    model = build_model(ckpt, args)
+    model = get_model_from_checkpoint(build_clip(args), ckpt, opts.checkpoint, args.amp).eval()
     log.info("matching clusters to the %d old classes on %d labelled images of %s", args.num_labeled_classes,
              len(labelled), args.dataset_name)
     on_labelled = predict_clusters(model, DataLoader(labelled, **loader_opts), device, progress, "labelled")
-    matches = {head: match_old_classes(on_labelled[head], on_labelled["target"], num_classes,
-                                       args.num_labeled_classes) for head in HEADS}
+    matches = {head: match_old_classes(on_labelled[head], on_labelled["target"]) for head in HEADS}
     names = {head: cluster_names(matches[head], class_names, num_classes) for head in HEADS}
 
     log.info("predicting %d images of %s", len(paths), image_root)
@@ -171,10 +170,7 @@ def read_candidates(path: str) -> list[str]:
 
 
 def read_stage2_checkpoint(path: str) -> dict:
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("stage") != "get" or "tes_projector" not in ckpt:
-        raise CheckpointError(f"--checkpoint {path} is not a stage-2 checkpoint: pass last.pt or best.pt of "
-                              "a run that trained stage 2 (tes.pt and tes_last.pt hold stage 1 only)")
+    ckpt = load_stage2_checkpoint(path, "--checkpoint")
     if not isinstance(ckpt.get("args"), dict):
         raise CheckpointError(f"--checkpoint {path} does not carry the flags of its run ('args')")
     return ckpt
@@ -190,7 +186,6 @@ def run_args(ckpt: dict, opts: Namespace, device: str) -> Namespace:
     args.device = device
     args.amp = device.startswith("cuda") if opts.amp is None else opts.amp
     args.download = False
-    args.checkpoint = opts.checkpoint
     get_class_splits(args)
     meta = ckpt["meta"]
     found = (args.num_labeled_classes, args.num_labeled_classes + args.num_unlabeled_classes)
@@ -198,16 +193,6 @@ def run_args(ckpt: dict, opts: Namespace, device: str) -> Namespace:
         raise CheckpointError(f"--checkpoint {opts.checkpoint} has {meta['num_old']} old of {meta['num_classes']} "
                               f"classes, but {args.dataset_name}'s split here has {found[0]} of {found[1]}")
     return args
-
-
-def build_model(ckpt: dict, args: Namespace) -> GETModel:
-    """The run's stage-2 model with the checkpoint's weights, in eval mode."""
-    model = build_get_model(build_clip(args), ckpt["tes_projector"], ckpt["meta"], amp=args.amp)
-    try:
-        model.load_trainable_state_dict(ckpt["model"])
-    except ValueError as err:
-        raise CheckpointError(f"--checkpoint {args.checkpoint}: {err}") from err
-    return model.eval()
 
 
 @torch.no_grad()
@@ -218,8 +203,8 @@ def predict_clusters(model: GETModel, loader: DataLoader, device: str, progress:
     outputs 'tes' float32 [N, embed_dim]."""
     parts: dict[str, list] = {key: [] for key in (*HEADS, "fused_prob", "target", "tes")}
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        images = batch[0].to(device)
-        out = model.predict(images)
+        tokens, tes_out = model.frozen_part(batch[0].to(device))  # the frozen CLIP, once
+        out = model.predict_from(tokens, tes_out)
         prob, fused = out["fused_probs"].max(dim=1)
         parts["visual"].append(out["v_logits"].argmax(1).cpu())
         parts["text"].append(out["t_logits"].argmax(1).cpu())
@@ -227,22 +212,21 @@ def predict_clusters(model: GETModel, loader: DataLoader, device: str, progress:
         parts["fused_prob"].append(prob.cpu())
         parts["target"].append(torch.as_tensor(batch[1]))
         if with_tes:
-            parts["tes"].append(model.encode(images)[1].float().cpu())
+            parts["tes"].append(tes_out.float().cpu())
     return {key: torch.cat(value).numpy() for key, value in parts.items() if value}
 
 
-def match_old_classes(clusters: np.ndarray, labels: np.ndarray, num_clusters: int, num_old: int) -> dict[int, int]:
+def match_old_classes(clusters: np.ndarray, labels: np.ndarray) -> dict[int, int]:
     """{cluster: old class}: the one-to-one assignment of old classes to clusters that
     maximises the number of labelled images whose cluster is matched to their class
-    (Hungarian, scipy's ``linear_sum_assignment``). A class assigned to a cluster that holds
+    (the Hungarian matching of the evaluation). A class assigned to a cluster that holds
     none of its images is left unmatched.
 
     clusters: int [N] predicted cluster of each labelled image; labels: int [N] in [0, num_old).
     """
-    counts = np.zeros((num_clusters, num_old), dtype=np.int64)
-    np.add.at(counts, (clusters, labels), 1)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return {int(r): int(c) for r, c in zip(rows, cols) if counts[r, c] > 0}
+    matched = cluster_to_class(labels, clusters)
+    hits = matched[clusters] == labels
+    return {int(c): int(matched[c]) for c in np.unique(clusters[hits])}
 
 
 def cluster_names(matches: dict[int, int], class_names: list[str], num_clusters: int) -> dict[int, str]:

@@ -27,9 +27,9 @@ from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
 from model import (TESStage, TextEmbeddingSynthesizer, build_clip, build_get_model, class_text_embeddings,
-                   get_tokenizer, vision_image_size)
+                   get_model_from_checkpoint, get_tokenizer, vision_image_size)
 from params import ARCHITECTURE_FLAGS, flag_names, parse_args
-from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, seed_everything
+from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_stage2_checkpoint, seed_everything
 from util.dist import barrier, cleanup_distributed, gather_views, init_distributed, wrap_ddp
 from util.estimate_k import estimate_for_run, k_from_checkpoint
 from util.logging_utils import get_logger, setup_logging
@@ -146,14 +146,10 @@ def stage2(run: Run, clip, projector: dict, data: Loaders, checkpoint: dict | No
 def evaluate_checkpoint(run: Run, clip, data: Loaders) -> dict:
     """--stage eval: the metrics of a stage-2 checkpoint, whose architecture flags it carries."""
     args = run.args
-    ckpt = load_checkpoint(args.eval_checkpoint, expect=checkpoint_meta(args))
-    if ckpt.get("stage") != "get":
-        raise CheckpointError(f"--eval_checkpoint {args.eval_checkpoint} is not a stage-2 "
-                              "checkpoint (last.pt or best.pt of a stage-2 run)")
+    ckpt = load_stage2_checkpoint(args.eval_checkpoint, "--eval_checkpoint", expect=checkpoint_meta(args))
     for key in ARCHITECTURE_FLAGS:
         setattr(args, key, ckpt["meta"][key])
-    model = build_get_model(clip, ckpt["tes_projector"], ckpt["meta"], args.amp)
-    model.load_trainable_state_dict(ckpt["model"])
+    model = get_model_from_checkpoint(clip, ckpt, args.eval_checkpoint, args.amp)
     return evaluate_run(model, data.eval_splits, args.num_labeled_classes, run)
 
 

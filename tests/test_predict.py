@@ -197,7 +197,7 @@ def test_name_by_candidates_is_the_cosine_to_the_mean_normalised_embedding():
 
 def test_a_class_without_images_in_its_cluster_stays_unmatched():
     # All labelled images of classes 0 and 1 fall into cluster 3: only one class gets it.
-    matches = predict.match_old_classes(np.array([3, 3, 3, 5]), np.array([0, 0, 1, 2]), 6, 3)
+    matches = predict.match_old_classes(np.array([3, 3, 3, 5]), np.array([0, 0, 1, 2]))
     assert matches == {3: 0, 5: 2}
 
 

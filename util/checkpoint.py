@@ -98,6 +98,16 @@ def load_checkpoint(path: str | Path, expect: Mapping[str, Any] | None = None) -
     return ckpt
 
 
+def load_stage2_checkpoint(path: str | Path, flag: str, expect: Mapping[str, Any] | None = None) -> dict:
+    """``load_checkpoint`` of a checkpoint that must hold a trained stage-2 model (``flag`` names
+    the option that gave ``path``, for the message)."""
+    ckpt = load_checkpoint(path, expect)
+    if not isinstance(ckpt, dict) or ckpt.get("stage") != "get" or "tes_projector" not in ckpt:
+        raise CheckpointError(f"{flag} {path} is not a stage-2 checkpoint: pass last.pt or best.pt of a run "
+                              "that trained stage 2 (tes.pt and tes_last.pt hold stage 1 only)")
+    return ckpt
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators."""
     random.seed(seed)

@@ -37,8 +37,8 @@ def _as_inputs(y_true: np.ndarray, y_pred: np.ndarray, mask: np.ndarray) -> tupl
     return y_true, y_pred, mask
 
 
-def _matched(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-    """Bool [N]: sample i's cluster is assigned to its true class by the optimal matching.
+def cluster_to_class(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Int [D]: the class that the optimal one-to-one matching assigns to each cluster id.
 
     The count matrix w[pred, true] (size D x D, D = max id + 1, so more or
     fewer clusters than classes both work) is built with one bincount.
@@ -46,9 +46,14 @@ def _matched(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     size = int(max(y_pred.max(), y_true.max())) + 1
     counts = np.bincount(y_pred * size + y_true, minlength=size * size).reshape(size, size)
     rows, cols = linear_sum_assignment(counts.max() - counts)
-    cluster_to_class = np.empty(size, dtype=np.int64)
-    cluster_to_class[rows] = cols
-    return cluster_to_class[y_pred] == y_true
+    matched = np.empty(size, dtype=np.int64)
+    matched[rows] = cols
+    return matched
+
+
+def _matched(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """Bool [N]: sample i's cluster is assigned to its true class by the optimal matching."""
+    return cluster_to_class(y_true, y_pred)[y_pred] == y_true
 
 
 def _fraction(hits: np.ndarray) -> float:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from data.data_utils import count_skipped_images
 from data.loaders import SKIPPED_IMAGES
 from params import HEADS, SPLITS
-from util.clusters import CLUSTER_SIZES, format_clusters
+from util.clusters import CLUSTER_SIZES
 from util.logging_utils import get_logger, save_json
 from util.runs import Run
 
@@ -50,13 +50,11 @@ def format_eval(metrics: dict) -> str:
 def report(metrics: dict, run: Run, title: str, file_name: str) -> dict:
     """The final metrics to the log and to ``file_name`` in the run folder. Without ground truth
     (folder dataset, labelled/unlabelled layout) there is no accuracy, only what the clusters show."""
-    if getattr(run.args, "ground_truth", True):
+    if run.args.ground_truth:
         get_logger().info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics))
-    else:
-        num_classes = run.args.num_labeled_classes + run.args.num_unlabeled_classes
-        get_logger().info("%s: the unlabelled images have no ground truth, so there is no accuracy; "
-                          "their clusters:%s\n    cluster sizes: %s", title,
-                          format_clusters(metrics, num_classes), run.dir / CLUSTER_SIZES)
+    else:  # describe_clusters has just logged the clusters
+        get_logger().info("%s: the unlabelled images have no ground truth, so there is no accuracy; their "
+                          "clusters are above, their sizes in %s", title, run.dir / CLUSTER_SIZES)
     get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
     if run.info.is_main:
         save_json(metrics, run.dir / file_name)

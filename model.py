@@ -213,7 +213,7 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
+def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with requires_grad=False everywhere, in eval mode."""
     clone = copy.deepcopy(module)
     clone.requires_grad_(False)
@@ -640,7 +640,7 @@ class GETModel(_PartlyTrainable):
         self.clip, self.tes, self.amp = clip_model, tes, amp
         self.grad_from_block, self.depth = grad_from_block, depth
         self.use_projection = use_projection
-        self.frozen_tail = _frozen_copy(visual.transformer.resblocks[grad_from_block:])
+        self.frozen_tail = frozen_copy(visual.transformer.resblocks[grad_from_block:])
         embed_dim = visual.output_dim
         self.feat_dim = embed_dim if use_projection else visual.transformer.width
         self.text_map = nn.Linear(embed_dim, self.feat_dim)

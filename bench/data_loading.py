@@ -65,8 +65,7 @@ def training_datasets(paths: list[Path], image_size: int, cache_dir: Path) -> tu
     raw = RawSplit("bench", [str(p) for p in paths], np.zeros(len(paths), dtype=np.int64))
     every = np.arange(len(raw))
     train_tf, _ = get_transforms(image_size=image_size)
-    resized_tf, _ = get_transforms(image_size=image_size, resized=True)
-    cached = GCDDataset(raw, every, {0: 0}, TwoViews(resized_tf))
+    cached = GCDDataset(raw, every, {0: 0}, TwoViews(train_tf))
     start = time.perf_counter()
     use_image_cache(Namespace(image_cache=str(cache_dir), num_workers=0, progress=False),
                     {"train": [cached]}, resize_step(image_size), DistInfo())

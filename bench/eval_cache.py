@@ -16,14 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.step_time import machine, sync  # noqa: E402
+from bench.step_time import machine, timed  # noqa: E402
 from engine import predict_split  # noqa: E402
 from model import GETModel, TextEmbeddingSynthesizer, load_clip, vision_image_size  # noqa: E402
 from util.dist import DistInfo, ShardSampler  # noqa: E402
@@ -44,14 +43,6 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p.parse_args()
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:

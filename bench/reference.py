@@ -15,21 +15,12 @@ path) and ``tests/test_equivalence.py`` checks that they agree.
 """
 from __future__ import annotations
 
-import copy
 
 import open_clip
-import torch.nn as nn
 from torch import Tensor
 
-from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, clip_autocast,
+from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, clip_autocast, frozen_copy,
                    visual_project, visual_tail, visual_trunk)
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with requires_grad=False everywhere, in eval mode."""
-    clone = copy.deepcopy(module)
-    clone.requires_grad_(False)
-    return clone.eval()
 
 
 class ReferenceTESStage(TESStage):

@@ -28,12 +28,12 @@ def resize_step(image_size: int = 224, crop_pct: float = 0.875) -> transforms.Re
 
 
 def get_transforms(
-    image_size: int = 224, crop_pct: float = 0.875, normalization: str = "imagenet", resized: bool = False
+    image_size: int = 224, crop_pct: float = 0.875, normalization: str = "imagenet"
 ) -> tuple[Callable, Callable]:
     """(train_transform, test_transform): PIL image -> float32 tensor [3, image_size, image_size].
 
-    resized: the images come already through ``resize_step`` (the image cache), so both
-    transforms start after it; the random steps draw exactly as they do after the resize.
+    Both start with ``resize_step``, which returns an image already at its size untouched (the
+    image cache's), drawing no random number: cached or not, the random steps draw alike.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(
@@ -41,10 +41,9 @@ def get_transforms(
             "(flag --normalization)."
         )
     mean, std = NORMALIZATIONS[normalization]
-    resize = [] if resized else [resize_step(image_size, crop_pct)]
     normalize = transforms.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))
     train_transform = transforms.Compose([
-        *resize,
+        resize_step(image_size, crop_pct),
         transforms.RandomCrop(image_size),
         transforms.RandomHorizontalFlip(p=0.5),
         # Default arguments make this a no-op on the pixels; kept because the
@@ -54,7 +53,7 @@ def get_transforms(
         normalize,
     ])
     test_transform = transforms.Compose([
-        *resize,
+        resize_step(image_size, crop_pct),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         normalize,

@@ -162,7 +162,7 @@ def use_image_cache(args: Namespace, splits: dict[str, Sequence[GCDDataset]],
     """Let the datasets read their images resized from the cache in ``args.image_cache``.
 
     splits: {"train": [...], "test": [...]}, the datasets of one split sharing its RawSplit;
-    their transforms must start after ``resize`` (``get_transforms(..., resized=True)``).
+    ``resize`` is the first step of their transforms, which then leaves the cached images as they are.
     Missing caches are built first, by local rank 0 of each machine under a lock on the
     folder (concurrent runs sharing the folder build each cache once); the other processes
     wait until the caches are in place. No barrier: building ImageNet takes longer than a

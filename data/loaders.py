@@ -56,13 +56,9 @@ class Loaders:
 def build_loaders(args: Namespace, image_size: int, info: DistInfo, run_dir: Path) -> Loaders:
     """Loaders of ``args.dataset_name``; sets the class split on ``args`` (get_class_splits)."""
     get_class_splits(args)
-    # --image_cache: the images come decoded and resized from the cache (data/image_cache.py),
-    # so the transforms start after the resize; their random steps draw as without it.
-    cached = args.image_cache is not None
-    train_tf, test_tf = get_transforms(image_size=image_size, normalization=args.normalization,
-                                       resized=cached)
+    train_tf, test_tf = get_transforms(image_size=image_size, normalization=args.normalization)
     train_set, test_set, unlabelled_set, _ = get_datasets(args.dataset_name, TwoViews(train_tf), test_tf, args)
-    if cached:
+    if args.image_cache is not None:  # images decoded and resized once (data/image_cache.py)
         splits = {"train": [train_set.labelled_dataset, train_set.unlabelled_dataset, unlabelled_set],
                   "test": [test_set]}
         use_image_cache(args, splits, resize_step(image_size), info)

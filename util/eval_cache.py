@@ -55,7 +55,10 @@ class EvalCache:
         if self.device is None:
             on_gpu = device.type == "cuda" and self.budget <= torch.cuda.mem_get_info(device)[0] / 2
             self.device = device if on_gpu else torch.device("cpu")
-        self.batches.append((batch[0].to(self.device), batch[1].to(self.device), *batch[2:]))
+        stored = [t.to(self.device) for t in batch[:2]]
+        if self.device.type == "cpu" and device.type == "cuda":  # pinned: copied back asynchronously
+            stored = [t.pin_memory() for t in stored]
+        self.batches.append((*stored, *batch[2:]))
         self.size += size
 
 
@@ -71,4 +74,5 @@ def rest_of(loader: DataLoader, skip: int) -> DataLoader | None:
     if not indices:
         return None
     return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      persistent_workers=loader.persistent_workers)

@@ -207,8 +207,9 @@ def non_finite_error(stage: Stage, position: Position, values: dict[str, float],
 
 def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run) -> None:
     """The stage's full state after an epoch; ``best.pt`` too when ``--best_metric`` improved."""
-    # Without ground truth (folder dataset, labelled/unlabelled layout) best.pt is the last epoch.
-    value = metrics.get(run.args.best_metric) if run.args.ground_truth else position.epoch
+    # Only evaluated epochs compete (stage 1 has none); without ground truth (folder dataset,
+    # labelled/unlabelled layout) best.pt is the last evaluated epoch.
+    value = None if not metrics else metrics.get(run.args.best_metric) if run.args.ground_truth else position.epoch
     improved = value is not None and value > position.best
     if improved:
         position.best = value

@@ -247,3 +247,11 @@ def test_labelled_unlabelled_layout_end_to_end(tmp_path):
     again = train.main(tiny_folder_argv(tmp_path / "out", root, "--num_classes", "5", "--stage", "eval",
                                         "--eval_checkpoint", str(run_dir / "last.pt"), "--exp_name", "eval"))
     assert again == metrics
+
+
+def test_stage_1_alone_writes_no_best_checkpoint_without_ground_truth(tmp_path):
+    # best.pt holds an evaluated stage-2 model; stage 1 is never evaluated.
+    root = F.write_folder(tmp_path / "data", "labelled")
+    train.main(tiny_folder_argv(tmp_path / "out", root, "--num_classes", "5", "--stage", "tes"))
+    (run_dir,) = run_dirs(tmp_path / "out", "get", "folder")
+    assert (run_dir / "tes.pt").is_file() and not (run_dir / "best.pt").exists()

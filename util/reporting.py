@@ -18,18 +18,19 @@ if TYPE_CHECKING:
 def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:
     """A finished epoch to the console, ``metrics.jsonl`` and TensorBoard: ``summary`` (lr,
     seconds, eval metrics) with the mean loss terms and the stage's schedule values."""
-    epoch, metrics = position.epoch, summary.pop("eval", {})
-    record = {"stage": stage.name, "epoch": epoch, **summary, **stage.schedule(epoch),
+    epoch, metrics, schedule = position.epoch, summary.pop("eval", {}), stage.schedule(position.epoch)
+    record = {"stage": stage.name, "epoch": epoch, **summary, **schedule,
               "loss": {k: v / max(position.step_in_epoch, 1) for k, v in position.sums.items()}}
     if metrics:
         record["eval"] = metrics
-    if run.args.skip_bad_images and count_skipped_images(run.dir / SKIPPED_IMAGES):
-        record["skipped_images"] = count_skipped_images(run.dir / SKIPPED_IMAGES)
-        get_logger().warning("skipped %d unreadable images so far (listed in %s)",
-                             record["skipped_images"], run.dir / SKIPPED_IMAGES)
+    skipped = count_skipped_images(run.dir / SKIPPED_IMAGES) if run.args.skip_bad_images else 0
+    if skipped:
+        record["skipped_images"] = skipped
+        get_logger().warning("skipped %d unreadable images so far (listed in %s)", skipped,
+                             run.dir / SKIPPED_IMAGES)
     run.logger.log_scalars({f"{stage.name}/lr": record["lr"],
                             **{f"{stage.name}/epoch_loss/{k}": v for k, v in record["loss"].items()},
-                            **{f"{stage.name}/{k}": v for k, v in stage.schedule(epoch).items()},
+                            **{f"{stage.name}/{k}": v for k, v in schedule.items()},
                             **{f"eval/{k}": v for k, v in metrics.items() if not k.endswith("n_samples")}},
                            epoch)
     run.logger.log_epoch(record)

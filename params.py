@@ -15,6 +15,7 @@ import torch
 
 import config
 from model import vision_depth
+from util.dist import launched_world_size
 
 HEADS = ("visual", "text", "fused")
 SPLITS = ("train_unlabelled", "test")
@@ -198,9 +199,9 @@ def find_problem(args: argparse.Namespace) -> str | None:
          "--old_classes is for --dataset_name folder (your own images)"),
         (args.max_classes is None or args.max_classes >= 2, "--max_classes must be >= 2"),
         (args.batch_size >= 2, "--batch_size must be at least 2 (two views per sample are paired)"),
-        (args.batch_size % world_size() == 0,
+        (args.batch_size % launched_world_size() == 0,
          f"--batch_size {args.batch_size} is the global batch: it must be a multiple of the "
-         f"{world_size()} processes"),
+         f"{launched_world_size()} processes"),
         (args.epochs >= 1 and args.tes_epochs >= 1, "--epochs and --tes_epochs must be >= 1"),
         (args.n_words >= 1, "--n_words must be >= 1"),
         (0 <= args.word_drop < 1, "--word_drop must be in [0, 1)"),
@@ -224,11 +225,6 @@ def find_problem(args: argparse.Namespace) -> str | None:
     ]
     problem = next((message for ok, message in checks if not ok), None)
     return problem or grad_from_block_problem(args)
-
-
-def world_size() -> int:
-    """Processes of this run (torchrun sets WORLD_SIZE), known before they connect."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def valid_metric_name(name: str) -> bool:

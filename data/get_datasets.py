@@ -55,7 +55,7 @@ SOURCES: dict[str, DatasetSource] = {
 }
 
 
-def get_source(dataset_name: str, args: Namespace | None = None) -> DatasetSource:
+def get_source(dataset_name: str, args: Namespace) -> DatasetSource:
     """The reader of ``dataset_name``; ValueError listing the valid names otherwise.
 
     The folder dataset has no fixed classes: its reader is made from the folders under its

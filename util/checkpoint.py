@@ -45,21 +45,13 @@ def atomic_save(obj: Mapping[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        _remove(tmp)
-        if err.errno == errno.ENOSPC:
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise CheckpointError(f"no space left on the disk of {path} while saving it; the "
                                   "previous version of the file is intact. Free some space and "
                                   "resume with --resume auto") from err
         raise
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(path: str) -> None:
-    if os.path.exists(path):
-        os.unlink(path)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -35,13 +35,18 @@ class DistInfo:
         return f"cuda:{self.local_rank}" if self.enabled and device.startswith("cuda") else device
 
 
+def launched_world_size() -> int:
+    """Processes of this run (torchrun sets WORLD_SIZE), known before they connect."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, if any.
 
     NCCL on CUDA, Gloo on CPU; each process of a CUDA run uses the GPU of its local rank.
     Without ``torchrun`` (no ``WORLD_SIZE``) this is a no-op.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size <= 1:
         return DistInfo()
     rank = int(os.environ["RANK"])
@@ -116,9 +121,9 @@ class WeightedEpochSampler(Sampler[tuple[int, int]]):
         epoch_seed = self.seed * 100_003 + self.epoch
         draw = torch.multinomial(self.weights, len(self.weights), replacement=True,
                                  generator=torch.Generator().manual_seed(epoch_seed))
-        positions = self.positions()[self.skip:].tolist()
+        positions = self.positions()[self.skip:]
         # Distinct for every (seed, epoch, position) of datasets up to 2^32 samples.
-        return iter([(int(draw[p]), (epoch_seed << 32) + p) for p in positions])
+        return zip(draw[positions].tolist(), ((epoch_seed << 32) + p for p in positions.tolist()))
 
     def __len__(self) -> int:
         return max(0, len(self.positions()) - self.skip)

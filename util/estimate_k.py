@@ -49,7 +49,7 @@ from util.cluster_and_log_utils import split_cluster_acc_v2
 from util.dist import DistInfo, ShardSampler, broadcast_object, gather_predictions
 from util.logging_utils import get_logger, save_json
 from util.resume import resume_path
-from util.runs import Run, latest_run
+from util.runs import Run, tes_checkpoint_path
 
 K_ESTIMATE = "k_estimate.json"
 # k-means restarts per k (k-means++ seeding, the best inertia kept): a few guard against a bad
@@ -204,12 +204,7 @@ def _continued_checkpoint(args: Namespace) -> Path | None:
         return resume_path(args)
     if args.stage == "eval":
         return Path(args.eval_checkpoint)
-    if args.stage == "get":
-        if args.tes_checkpoint:
-            return Path(args.tes_checkpoint)
-        run = latest_run(args, "tes.pt")
-        return run / "tes.pt" if run else None
-    return None
+    return tes_checkpoint_path(args) if args.stage == "get" else None
 
 
 def estimate_for_run(run: Run, clip: torch.nn.Module) -> None:

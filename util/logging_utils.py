@@ -19,6 +19,8 @@ from tensorboard.backend.event_processing.event_file_loader import RawEventFileL
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from util.checkpoint import LAST_CHECKPOINT
+
 LOGGER_NAME = "get"
 
 
@@ -75,7 +77,6 @@ class RunLogger:
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.enabled = enabled
-        self.run_dir = run_dir
         self._tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -108,7 +109,7 @@ def save_json(obj: object, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-STAGES = ("tes", "get")  # in run order
+STAGES = tuple(LAST_CHECKPOINT)  # in run order
 
 
 def keeps(stage: str, epoch: int, global_step: int) -> Callable[[str, int], bool]:
@@ -134,9 +135,9 @@ def truncate_logs(run_dir: Path, stage: str, epoch: int, global_step: int) -> No
     keep = keeps(stage, epoch, global_step)
     jsonl = run_dir / "metrics.jsonl"
     if jsonl.is_file():
-        lines = [line for line in jsonl.read_text().splitlines()
-                 if keep(f"{json.loads(line)['stage']}/", json.loads(line)["epoch"])]
-        jsonl.write_text("".join(line + "\n" for line in lines))
+        lines = jsonl.read_text().splitlines()
+        kept = [line for line, r in zip(lines, map(json.loads, lines)) if keep(f"{r['stage']}/", r["epoch"])]
+        jsonl.write_text("".join(line + "\n" for line in kept))
     old_files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     if not old_files:
         return

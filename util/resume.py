@@ -68,7 +68,7 @@ def resume_path(args: Namespace) -> Path | None:
         run = latest_run(args, *LAST_CHECKPOINT.values())
         if run is None:  # the run folder's log says so (util.runs.record_start)
             return None
-        return next(run / name for name in ("last.pt", "tes_last.pt") if (run / name).is_file())
+        return next(run / name for name in reversed(LAST_CHECKPOINT.values()) if (run / name).is_file())
     if args.resume:
         path = Path(args.resume)
         if not path.is_file():
@@ -81,8 +81,10 @@ def resume_path(args: Namespace) -> Path | None:
 def refuse_overwriting_later_work(path: Path, checkpoint: dict) -> None:
     """Resuming continues in the file's folder and rewrites its latest states: refuse when
     one of them is further on than ``path`` (e.g. best.pt next to a later last.pt)."""
-    for name in LAST_CHECKPOINT.values():
+    for stage, name in LAST_CHECKPOINT.items():
         other = path.parent / name
+        if list(LAST_CHECKPOINT).index(stage) < progress(checkpoint)[0]:
+            continue  # an earlier stage's state is never further on: not worth loading
         if other.is_file() and other.resolve() != path.resolve() and \
                 progress(load_checkpoint(other)) > progress(checkpoint):
             raise CheckpointError(

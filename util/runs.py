@@ -45,19 +45,26 @@ def new_run_dir(args: Namespace, info: DistInfo) -> Path:
     return experiment_dir(args) / f"{args.exp_name}-{stamp}"
 
 
-def find_tes_checkpoint(args: Namespace, run_dir: Path) -> Path:
-    """Stage-1 checkpoint for ``--stage get``: the flag's, this run's, or the newest run's."""
+def tes_checkpoint_path(args: Namespace, run_dir: Path | None = None) -> Path | None:
+    """Stage-1 checkpoint for ``--stage get``: the flag's, this run's, or the newest run's
+    (None when there is none)."""
     if args.tes_checkpoint:
         return Path(args.tes_checkpoint)
-    if (run_dir / "tes.pt").is_file():
+    if run_dir is not None and (run_dir / "tes.pt").is_file():
         return run_dir / "tes.pt"
     found = latest_run(args, "tes.pt")
-    if found is None:
+    return found / "tes.pt" if found else None
+
+
+def find_tes_checkpoint(args: Namespace, run_dir: Path) -> Path:
+    """``tes_checkpoint_path``, or an error saying how to make one."""
+    path = tes_checkpoint_path(args, run_dir)
+    if path is None:
         raise CheckpointError(
             f"--stage get needs a stage-1 checkpoint: none found for --exp_name {args.exp_name} "
             f"under {experiment_dir(args)}. Run --stage tes (or --stage all) first, or pass "
             "--tes_checkpoint PATH.")
-    return found / "tes.pt"
+    return path
 
 
 class StopSignal:

@@ -34,11 +34,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data.augmentations import get_transforms
-from data.data_utils import ImageLoadError, load_image
+from data.data_utils import load_image
 from data.get_datasets import get_class_names, get_class_splits, get_datasets
 from model import (GETModel, build_clip, class_text_embeddings, get_model_from_checkpoint, get_tokenizer,
                    vision_image_size)
 from params import HEADS
+from train import USER_ERRORS as RUN_ERRORS
 from util.checkpoint import CheckpointError, load_stage2_checkpoint
 from util.cluster_and_log_utils import cluster_to_class
 from util.logging_utils import get_logger, setup_logging
@@ -276,7 +277,7 @@ def cluster_summary(clusters: np.ndarray, names: dict[int, str], matches: dict[i
 
 
 # Errors of input the user can fix: the message says how, so it is printed without a traceback.
-USER_ERRORS = (CheckpointError, FileNotFoundError, ImageLoadError, InputError)
+USER_ERRORS = (*RUN_ERRORS, InputError)
 
 if __name__ == "__main__":
     try:

@@ -60,8 +60,7 @@ KMEANS_INITS = 3
 @dataclass
 class KEstimate:
     k: int                      # the estimate of K
-    curve: dict[int, float]     # labelled-image accuracy of each k evaluated
-    order: list[int]            # the k in the order Brent's search evaluated them
+    curve: dict[int, float]     # labelled-image accuracy of each k, in the order evaluated
     k_min: int                  # the search interval: K_old ...
     k_max: int                  # ... and --max_classes (at most the number of images)
     n_images: int
@@ -69,8 +68,9 @@ class KEstimate:
     seconds: float
 
     def record(self) -> dict:
-        """As JSON: the curve sorted by k."""
-        return {**asdict(self), "curve": [{"k": k, "labelled_acc": self.curve[k]} for k in sorted(self.curve)]}
+        """As JSON: the curve sorted by k, and the order in which Brent's search evaluated k."""
+        return {**asdict(self), "curve": [{"k": k, "labelled_acc": self.curve[k]} for k in sorted(self.curve)],
+                "order": list(self.curve)}
 
 
 def labelled_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.ndarray, k: int,
@@ -153,9 +153,9 @@ def estimate_k(clip: torch.nn.Module, args: Namespace, info: DistInfo,
     train_set = get_datasets(args.dataset_name, test_transform, test_transform, args)[0]
     if skip_log is not None:
         skip_bad_images([train_set], skip_log)
+    k_min, k_max = search_bounds(args, len(train_set))  # a bad --max_classes fails before the encoding
     data = clip_features(clip, train_set, args, info)
     features, labels, labelled = (data[key].numpy() for key in ("feature", "target", "labelled"))
-    k_min, k_max = search_bounds(args, len(features))
     get_logger().info("estimating K: k-means of the CLIP features of %d images, scored on the %d "
                       "labelled ones, Brent's search of k in [%d, %d]", len(features), labelled.sum(),
                       k_min, k_max)
@@ -163,7 +163,7 @@ def estimate_k(clip: torch.nn.Module, args: Namespace, info: DistInfo,
                             k_min, k_max)
     # Every process ran the same search; rank 0's answer is the run's, whatever the floats did.
     k = broadcast_object(k, info)
-    return KEstimate(k, curve, list(curve), k_min, k_max, len(features), int(labelled.sum()),
+    return KEstimate(k, curve, k_min, k_max, len(features), int(labelled.sum()),
                      round(time.time() - start, 2))
 
 

@@ -35,6 +35,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset root is missing, incomplete or not laid out as expected."""
 
 
+# What PIL raises for a missing, corrupt or oversized (decompression bomb) image file.
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
 class ImageLoadError(OSError):
     """An image file of a dataset is missing or cannot be decoded."""
 
@@ -48,11 +52,21 @@ def load_image(path: str | Path, dataset_name: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except IMAGE_ERRORS as error:
         raise ImageLoadError(
             f"Cannot read image {path} of dataset {dataset_name!r} ({error}). "
             "Replace the file or re-extract the dataset."
         ) from error
+
+
+def image_header_size(path: str) -> tuple[int, int] | None:
+    """(width, height) of an image file from its header (the pixels are not read); None when
+    PIL cannot open it."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except IMAGE_ERRORS:
+        return None
 
 
 def dataset_not_found(dataset_name: str, root: Path, problem: str, layout: str) -> DatasetNotFoundError:

@@ -37,10 +37,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from data.data_utils import NO_LABEL, DatasetNotFoundError, DatasetSource, RawSplit, dataset_not_found, require_paths
+from data.data_utils import (NO_LABEL, DatasetNotFoundError, DatasetSource, RawSplit, dataset_not_found,
+                             image_header_size, require_paths)
 
 NAME = "folder"
 NAMES_FILE = "class_names.txt"
@@ -203,16 +203,7 @@ def _readable_images(root: Path, folder: Path, fix: str) -> list[str]:
     found.sort()
     if not found:
         raise _error(root, f"{folder} holds no image (no file ending in {_EXTENSIONS}): {fix}.")
-    if not any(_opens(path) for path in found):  # stops at the first readable one
+    if not any(image_header_size(path) is not None for path in found):  # stops at the first readable one
         raise _error(root, f"{folder} holds no readable image: none of its {len(found)} image files "
                            f"opens (corrupt, or not an image): {fix}.")
     return found
-
-
-def _opens(path: str) -> bool:
-    """Whether PIL recognises ``path`` as an image (its header; the pixels are read later)."""
-    try:
-        with Image.open(path):
-            return True
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False

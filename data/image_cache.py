@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from data.data_utils import GCDDataset, ImageLoadError, RawSplit
+from data.data_utils import GCDDataset, ImageLoadError, RawSplit, image_header_size
 from util.dist import DistInfo
 from util.logging_utils import get_logger
 
@@ -244,35 +244,24 @@ def predicted_bytes(raw: RawSplit, resize: transforms.Resize, workers: int, prog
     if isinstance(raw.images, np.ndarray):
         height, width = raw.images.shape[1:3]
         return len(raw) * _resized_bytes((width, height), resize)
-    sizes = _in_order(partial(_stored_size, raw.images), len(raw), workers)
+    sizes = _in_order(partial(_header_size, raw.images), len(raw), workers)
     return sum(_resized_bytes(size, resize) for size in
                tqdm(sizes, total=len(raw), desc="image sizes", unit="img", disable=not progress,
                     leave=False))
 
 
-def _stored_size(paths: Sequence[str], index: int) -> tuple[int, int] | None:
-    """(width, height) of image file ``index`` from its header; None if it cannot be opened."""
-    try:
-        with Image.open(paths[index]) as image:
-            return image.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+def _header_size(paths: Sequence[str], index: int) -> tuple[int, int] | None:
+    return image_header_size(paths[index])
 
 
 def _resized_bytes(size: tuple[int, int] | None, resize: transforms.Resize) -> int:
-    """uint8 RGB bytes of an image of ``size`` (width, height) after ``resize``, as
-    torchvision computes it; 0 for None."""
+    """uint8 RGB bytes of an image of ``size`` (width, height) after ``resize_step``'s resize
+    (the short side to ``resize.size``, the aspect ratio kept, as torchvision rounds it); 0 for None."""
     if size is None:
         return 0
-    width, height = size
-    if isinstance(resize.size, int) or len(resize.size) == 1:
-        requested = resize.size if isinstance(resize.size, int) else resize.size[0]
-        short, long = (width, height) if width <= height else (height, width)
-        new_short, new_long = requested, int(requested * long / short)
-        if resize.max_size is not None and new_long > resize.max_size:
-            new_short, new_long = int(resize.max_size * new_short / new_long), resize.max_size
-        return new_short * new_long * 3
-    return resize.size[0] * resize.size[1] * 3
+    short, long = sorted(size)
+    requested = resize.size if isinstance(resize.size, int) else resize.size[0]
+    return requested * int(requested * long / short) * 3
 
 
 def _build(raw: RawSplit, files: CacheFiles, resize: transforms.Resize, workers: int,

@@ -26,7 +26,7 @@ from params import HEADS
 from util.checkpoint import LAST_CHECKPOINT, atomic_save, rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
 from util.dist import any_rank, barrier, gather_predictions
-from util.clusters import describe_clusters
+from util.clusters import agreement_metrics, describe_clusters
 from util.eval_cache import EvalCache, frozen_batches
 from util.logging_utils import get_logger
 from util.reporting import log_epoch
@@ -268,7 +268,8 @@ def evaluate_run(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old
                  caches: dict[str, EvalCache] | None = None) -> dict[str, float] | None:
     """Each split that has images (a folder dataset may have no test split) predicted, then
     {'<split>/<head>/<all|old|new>': accuracy, ...} where the classes of the unlabelled images
-    are known, ``describe_clusters`` where they are not; None when a stop was requested."""
+    are known, ``describe_clusters`` where they are not, and in both cases how alike the two
+    heads cluster each split (``agreement_metrics``); None when a stop was requested."""
     preds = {}
     for split, loader in loaders.items():
         if len(loader.dataset):
@@ -277,8 +278,9 @@ def evaluate_run(model: torch.nn.Module, loaders: dict[str, DataLoader], num_old
                 return None
     if not run.args.ground_truth:
         return describe_clusters(preds, num_old, run)
-    return {f"{split}/{key}": value for split, split_preds in preds.items()
-            for key, value in accuracies(split_preds, num_old, run.args.eval_func).items()}
+    return {**{f"{split}/{key}": value for split, split_preds in preds.items()
+               for key, value in accuracies(split_preds, num_old, run.args.eval_func).items()},
+            **agreement_metrics(preds)}
 
 
 def epoch_evaluation(model: torch.nn.Module, splits: dict[str, DataLoader], run: Run) -> Callable[[int], dict | None]:

@@ -1,4 +1,5 @@
-"""Hungarian clustering accuracy against brute force over all cluster-to-class permutations."""
+"""Hungarian clustering accuracy, and the agreement of two heads, against brute force over all
+cluster-to-class permutations."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from util.cluster_and_log_utils import log_accs_from_preds, split_cluster_acc_v2, split_cluster_acc_v2_balanced
+from util.cluster_and_log_utils import (branch_agreement, log_accs_from_preds, split_cluster_acc_v2,
+                                       split_cluster_acc_v2_balanced)
 
 
 def brute_force(y_true, y_pred, mask):
@@ -83,6 +85,19 @@ def test_unique_optimum_old_new_and_balanced():
     assert expected[:3] == pytest.approx((0.8, 5 / 6, 0.75))
     assert log_accs_from_preds(y_true, y_pred, mask, "v2") == pytest.approx(expected[:3])
     assert log_accs_from_preds(y_true, y_pred, mask, "v2b") == pytest.approx(expected[3:])
+
+
+def test_branch_agreement_by_hand_and_brute_force():
+    # By hand: the text head numbers the visual head's clusters 0 and 1 the other way round and
+    # puts one image of cluster 2 elsewhere: 1 image of 6 has the same number in both, 5 once
+    # text cluster 1 is read as 0, 0 as 1 and 2 as 2.
+    visual, text = np.array([0, 0, 1, 1, 2, 2]), np.array([1, 1, 0, 0, 2, 0])
+    assert branch_agreement(visual, text) == pytest.approx((1 / 6, 5 / 6))
+    for seed in range(6):
+        rng = np.random.RandomState(seed)
+        visual, text, _ = random_case(rng, num_classes=4, num_clusters=5, num_old=2, n=30)
+        best, _ = brute_force(visual.tolist(), text.tolist(), [True] * 30)
+        assert branch_agreement(visual, text) == pytest.approx((np.mean(visual == text), best / 30))
 
 
 def test_perfect_and_permuted_clusterings():

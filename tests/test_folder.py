@@ -235,9 +235,13 @@ def test_labelled_unlabelled_layout_end_to_end(tmp_path):
         assert metrics[f"train_unlabelled/{head}/old_share"] == pytest.approx(share)
         assert metrics[f"train_unlabelled/{head}/clusters_used"] == sum(s > 0 for s in sizes[head])
         assert 0 <= metrics[f"train_labelled/{head}/acc"] <= 1
+    # How alike the heads cluster the images needs no label either.
+    for split in ("train_unlabelled", "test"):
+        same, matched = metrics[f"{split}/agreement/same"], metrics[f"{split}/agreement/matched"]
+        assert 0 <= same <= matched <= 1
     assert json.loads((run_dir / "final_metrics.json").read_text()) == metrics
     log = (run_dir / "log.txt").read_text()
-    assert "no ground truth" in log and "best.pt is the last epoch" in log
+    assert "no ground truth" in log and "best.pt is the last epoch" in log and "after matching their cluster ids" in log
     assert {"eval/train_unlabelled/fused/old_share", "eval/train_labelled/fused/acc"} <= scalar_tags(run_dir)
     # best.pt falls back to the last epoch; K is in every checkpoint.
     best, last = (torch.load(run_dir / name, weights_only=True) for name in ("best.pt", "last.pt"))

@@ -95,6 +95,20 @@ def split_cluster_acc_v2_balanced(
 EVAL_FUNCS = {"v2": split_cluster_acc_v2, "v2b": split_cluster_acc_v2_balanced}
 
 
+def branch_agreement(visual: np.ndarray, text: np.ndarray) -> tuple[float, float]:
+    """How alike two heads cluster the same images, without any label: (the share of images
+    both put in the same cluster, that share after the best one-to-one matching of the text
+    head's cluster ids to the visual head's).
+
+    The fused prediction averages the heads cluster id by cluster id, so it can only gain
+    where their ids agree. Supervision ties the old classes to clusters 0..K_old-1 in both
+    heads; nothing in GET ties the new classes' clusters across the branches, so a matched
+    share far above the plain one means the heads found the same groups under different ids.
+    """
+    visual, text, _ = _as_inputs(visual, text, np.ones(np.size(visual), dtype=bool))
+    return _fraction(visual == text), _fraction(_matched(visual, text))
+
+
 def log_accs_from_preds(
     y_true: np.ndarray,
     y_pred: np.ndarray,

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from params import HEADS
+from util.cluster_and_log_utils import branch_agreement
 from util.logging_utils import get_logger, save_json
 from util.runs import Run
 
@@ -18,8 +19,9 @@ def describe_clusters(preds: dict[str, dict[str, Tensor]], num_old: int, run: Ru
     for each head: the share of the unlabelled images in the old classes' clusters
     (0..K_old-1, which the supervised loss ties to the old classes), how many of the K clusters
     they use, and, when ``preds`` has 'test' (there: the labelled images, test transform), the
-    accuracy on the labelled images (cluster = class, no matching). The size of every cluster
-    goes to cluster_sizes.json."""
+    accuracy on the labelled images (cluster = class, no matching); and how alike the two heads
+    cluster each split (``agreement_metrics``). The size of every cluster goes to
+    cluster_sizes.json."""
     unlabelled = preds["train_unlabelled"]
     num_classes = run.args.num_labeled_classes + run.args.num_unlabeled_classes
     metrics: dict[str, float] = {"train_unlabelled/n_samples": len(unlabelled["index"])}
@@ -32,6 +34,7 @@ def describe_clusters(preds: dict[str, dict[str, Tensor]], num_old: int, run: Ru
         metrics["train_labelled/n_samples"] = len(labelled["index"])
         for head in HEADS:
             metrics[f"train_labelled/{head}/acc"] = float((labelled[head] == labelled["target"]).double().mean())
+    metrics.update(agreement_metrics(preds))
     if run.info.is_main:
         save_json({head: size.tolist() for head, size in sizes.items()}, run.dir / CLUSTER_SIZES)
     get_logger().info("clusters of the unlabelled images (no ground truth: no accuracy; best.pt is the "
@@ -40,11 +43,25 @@ def describe_clusters(preds: dict[str, dict[str, Tensor]], num_old: int, run: Ru
     return metrics
 
 
+def agreement_metrics(preds: dict[str, dict[str, Tensor]]) -> dict[str, float]:
+    """{'<split>/agreement/<same|matched>': share} of each split's predictions
+    (``engine.predict_split``): how alike the visual and text heads cluster it, without labels
+    (``branch_agreement``)."""
+    metrics = {}
+    for split, split_preds in preds.items():
+        same, matched = branch_agreement(split_preds["visual"].numpy(), split_preds["text"].numpy())
+        metrics.update({f"{split}/agreement/same": same, f"{split}/agreement/matched": matched})
+    return metrics
+
+
 def format_clusters(metrics: dict, num_classes: int) -> str:
-    """One row per head of what ``describe_clusters`` measured."""
+    """One row per head of what ``describe_clusters`` measured, then the heads' agreement."""
     n = metrics["train_unlabelled/n_samples"]
+    agreement = (f"\n    visual and text heads: the same cluster for {metrics['train_unlabelled/agreement/same']:.1%} "
+                 f"of the unlabelled images, {metrics['train_unlabelled/agreement/matched']:.1%} after matching "
+                 "their cluster ids")
     return "".join(
         f"\n    {head:<6} {metrics[f'train_unlabelled/{head}/old_share']:.1%} of {n} unlabelled images in "
         f"old-class clusters, {metrics[f'train_unlabelled/{head}/clusters_used']}/{num_classes} clusters used"
         + (f", labelled accuracy {metrics[f'train_labelled/{head}/acc']:.4f}"
-           if f"train_labelled/{head}/acc" in metrics else "") for head in HEADS)
+           if f"train_labelled/{head}/acc" in metrics else "") for head in HEADS) + agreement

@@ -40,12 +40,15 @@ def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None
 
 
 def format_eval(metrics: dict) -> str:
-    """Rows of All/Old/New per head for each evaluated split ('' without metrics)."""
+    """Rows of All/Old/New per head for each evaluated split, then how alike the two heads
+    cluster it (``util.clusters.agreement_metrics``); '' without metrics."""
     rows = [f"\n    {split:<17}" + "  ".join(
         f"{head} {metrics[f'{split}/{head}/all']:.4f}/{metrics[f'{split}/{head}/old']:.4f}/"
         f"{metrics[f'{split}/{head}/new']:.4f}" for head in HEADS)
+        + f"  agree {metrics[f'{split}/agreement/same']:.4f}/{metrics[f'{split}/agreement/matched']:.4f}"
         for split in SPLITS if f"{split}/visual/all" in metrics]
-    return "  (All/Old/New)" + "".join(rows) if rows else ""
+    header = "  (All/Old/New; agree: visual and text in the same cluster, as numbered/after matching)"
+    return header + "".join(rows) if rows else ""
 
 
 def report(metrics: dict, run: Run, title: str, file_name: str) -> dict:

@@ -220,7 +220,6 @@ def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run) 
     barrier()
 
 
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, num_old: int, run: Run,
              cache: EvalCache | None = None) -> dict[str, float] | None:

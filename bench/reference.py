@@ -15,7 +15,6 @@ path) and ``tests/test_equivalence.py`` checks that they agree.
 """
 from __future__ import annotations
 
-
 import open_clip
 from torch import Tensor
 

@@ -55,9 +55,10 @@ class EvalCache:
         if self.device is None:
             on_gpu = device.type == "cuda" and self.budget <= torch.cuda.mem_get_info(device)[0] / 2
             self.device = device if on_gpu else torch.device("cpu")
-        stored = [t.to(self.device) for t in batch[:2]]
         if self.device.type == "cpu" and device.type == "cuda":  # pinned: copied back asynchronously
-            stored = [t.pin_memory() for t in stored]
+            stored = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in batch[:2]]
+        else:
+            stored = [t.to(self.device) for t in batch[:2]]
         self.batches.append((*stored, *batch[2:]))
         self.size += size
 

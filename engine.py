@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from model import format_parameter_summary
 from params import HEADS
-from util.checkpoint import LAST_CHECKPOINT, atomic_save, rng_state, set_rng_state
+from util.checkpoint import LAST_CHECKPOINT, atomic_save
+from util.rng import rng_state, set_rng_state
 from util.cluster_and_log_utils import log_accs_from_preds
 from util.dist import any_rank, barrier, gather_predictions
 from util.clusters import agreement_metrics, describe_clusters
@@ -32,8 +33,9 @@ from util.logging_utils import get_logger
 from util.reporting import log_epoch
 from util.runs import Run
 
-# (images [2B, 3, H, W], labels [2B], labelled [2B] bool, epoch) -> (loss, {term: value})
-LossFn = Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, dict[str, Tensor]]]
+# (images [2B, 3, H, W], labels [2B], labelled [2B] bool, epoch, step in the epoch)
+#   -> (loss, {term: value})
+LossFn = Callable[[Tensor, Tensor, Tensor, int, int], tuple[Tensor, dict[str, Tensor]]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,12 +135,14 @@ def fit(stage: Stage, loader: DataLoader, run: Run, checkpoint: dict | None,
 def train_one_epoch(stage: Stage, loader: DataLoader, position: Position, run: Run) -> bool:
     """Train from ``position`` to the end of its epoch (True) or until a stop request (False).
 
-    The epoch's draw and every sample's augmentation depend on (seed, epoch, position) only,
-    and the batches already trained in this epoch are skipped: a resumed epoch sees exactly
-    the batches that an uninterrupted one would, whatever the processes and loader workers.
+    The epoch's draw and every sample's augmentation depend on (seed, stage, epoch, position)
+    only, and the batches already trained in this epoch are skipped: a resumed epoch sees
+    exactly the batches that an uninterrupted one would, whatever the processes and loader
+    workers.
     """
     args, device = run.args, run.device
-    loader.sampler.set_epoch(position.epoch, skip=position.step_in_epoch * loader.batch_size)
+    loader.sampler.set_epoch(position.epoch, skip=position.step_in_epoch * loader.batch_size,
+                             stage=stage.name)
     n_steps = len(loader) + position.step_in_epoch
     if args.max_steps_per_epoch:
         n_steps = min(n_steps, args.max_steps_per_epoch)
@@ -154,7 +158,7 @@ def train_one_epoch(stage: Stage, loader: DataLoader, position: Position, run: R
         images = torch.cat([view.to(device, non_blocking=True) for view in views])  # view 1, view 2
         labels = labels.to(device, non_blocking=True).repeat(2)
         labelled = labelled.to(device, non_blocking=True).bool().repeat(2)
-        loss, terms = stage.loss_fn(images, labels, labelled, position.epoch)
+        loss, terms = stage.loss_fn(images, labels, labelled, position.epoch, position.step_in_epoch)
         stage.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stage.optimizer.step()

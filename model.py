@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from util.checkpoint import CheckpointError, seed_everything
+from util.checkpoint import CheckpointError
+from util.rng import seed_everything
 
 TINY_MODEL_NAME = "GET-tiny"
 _MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -305,6 +306,18 @@ def _text_project(clip: open_clip.CLIP, x: Tensor) -> Tensor:
     return x @ clip.text_projection
 
 
+def sample_keep_mask(rows: int, n_words: int, word_drop: float,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Word dropout: bool [rows, n_words] on the CPU, each word kept with prob 1 - word_drop;
+    a row that would keep nothing keeps one uniformly chosen word instead. Drawn from
+    ``generator`` (default torch's global one)."""
+    if not 0.0 <= word_drop < 1.0:
+        raise ValueError(f"word_drop must be in [0, 1); got {word_drop}")
+    keep = torch.rand(rows, n_words, generator=generator) >= word_drop
+    rescue = F.one_hot(torch.randint(n_words, (rows,), generator=generator), n_words).bool()
+    return keep | (rescue & ~keep.any(dim=1, keepdim=True))
+
+
 class TextEmbeddingSynthesizer(nn.Module):
     """TES (GET_SPEC §3): image embedding -> n_words pseudo word embeddings -> CLIP text encoder.
 
@@ -314,13 +327,12 @@ class TextEmbeddingSynthesizer(nn.Module):
     The projector is created on CLIP's device; its init follows the global torch RNG.
     """
 
-    def __init__(self, clip_model: open_clip.CLIP, n_words: int = 7, word_drop: float = 0.0,
+    def __init__(self, clip_model: open_clip.CLIP, n_words: int = 7,
                  tokenizer: open_clip.tokenizer.SimpleTokenizer | None = None):
         """
         Args:
             clip_model: frozen CLIP whose text tower encodes the pseudo words.
             n_words: pseudo words per image (7 in GET).
-            word_drop: probability of dropping each pseudo word in train mode (0 = off).
             tokenizer: gives the start/end-of-text ids; default open_clip's CLIP tokenizer.
         """
         super().__init__()
@@ -328,8 +340,6 @@ class TextEmbeddingSynthesizer(nn.Module):
         if n_words < 1 or n_words + 2 > clip_model.context_length:
             raise ValueError(f"n_words must be in [1, {clip_model.context_length - 2}]; "
                              f"got {n_words}")
-        if not 0.0 <= word_drop < 1.0:
-            raise ValueError(f"word_drop must be in [0, 1); got {word_drop}")
         # Bypasses nn.Module registration: no CLIP weights in this module's state_dict.
         object.__setattr__(self, "clip", clip_model)
         tokenizer = tokenizer or open_clip.SimpleTokenizer()
@@ -339,30 +349,19 @@ class TextEmbeddingSynthesizer(nn.Module):
         special_ids = [tokenizer.sot_token_id, tokenizer.eot_token_id, PAD_TOKEN_ID]
         self.register_buffer("special_ids", torch.tensor(special_ids, device=device),
                              persistent=False)
-        self.n_words, self.word_drop = n_words, word_drop
+        self.n_words = n_words
         self.text_width = clip_model.token_embedding.embedding_dim
         self.projector = nn.Linear(clip_model.visual.output_dim, n_words * self.text_width,
                                    device=device)
 
-    def forward(self, image_embeddings: Tensor) -> Tensor:
+    def forward(self, image_embeddings: Tensor, keep_mask: Tensor | None = None) -> Tensor:
         """[B, embed_dim] CLIP image embeddings -> [B, embed_dim] pseudo text embeddings.
 
-        In train mode with word_drop > 0 each pseudo word is dropped with that probability
-        (never all of a row); never in eval mode.
+        keep_mask: word dropout, bool [B, n_words] from ``sample_keep_mask`` (stage 1 with
+        --word_drop draws one per step); None keeps every word.
         """
         words = self.projector(image_embeddings).unflatten(1, (self.n_words, self.text_width))
-        keep = None
-        if self.training and self.word_drop > 0:
-            keep = self.sample_keep_mask(words.shape[0], words.device)
-        return self.encode_words(words, keep)
-
-    def sample_keep_mask(self, batch_size: int, device: torch.device | str) -> Tensor:
-        """Bool [B, n_words]: each word kept with prob 1 - word_drop; a row that would keep
-        nothing keeps one uniformly chosen word instead."""
-        keep = torch.rand(batch_size, self.n_words, device=device) >= self.word_drop
-        rescue = F.one_hot(torch.randint(self.n_words, (batch_size,), device=device),
-                           self.n_words).bool()
-        return keep | (rescue & ~keep.any(dim=1, keepdim=True))
+        return self.encode_words(words, keep_mask)
 
     def encode_words(self, words: Tensor, keep_mask: Tensor | None = None) -> Tensor:
         """Encode pseudo words with CLIP's text tower as the text ``[SOT] words [EOT]``.
@@ -597,13 +596,13 @@ class TESStage(_PartlyTrainable):
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"tes": self.tes}
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, keep_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """images [N, 3, H, W] -> (f [N, embed_dim] CLIP image embedding, t [N, embed_dim] TES
-        output), both float32."""
+        output), both float32; ``keep_mask``: the TES's word dropout (bool [N, n_words])."""
         with clip_autocast(images.device.type, self.amp):
             with torch.no_grad():
                 f = self.clip.encode_image(images)
-            t = self.tes(f)
+            t = self.tes(f, keep_mask)
         return f.float(), t.float()
 
 
@@ -733,14 +732,11 @@ def fuse(out: dict[str, Tensor], fuse_temperature: float) -> dict[str, Tensor]:
 
 
 def build_clip(args) -> open_clip.CLIP:
-    """The frozen CLIP of the flags (--clip_model, --pretrained, --device, --clip_cache_dir),
-    then every generator seeded with --seed."""
-    # Seeding before CLIP is built makes a randomly initialised CLIP identical in every process,
-    # in a resumed run and in predict.py; pretrained weights are loaded, not drawn.
-    seed_everything(args.seed)
-    clip = load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
-    seed_everything(args.seed)
-    return clip
+    """The frozen CLIP of the flags (--clip_model, --pretrained, --device, --clip_cache_dir)."""
+    # Seeded first, a randomly initialised CLIP is identical in every process, in a resumed run
+    # and in predict.py; pretrained weights are loaded, not drawn.
+    seed_everything(args.seed, "clip")
+    return load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
 
 
 def build_get_model(clip_model: open_clip.CLIP, tes_projector: dict, meta: Mapping,

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from data.data_utils import ImageLoadError
 from data.get_datasets import get_class_splits
@@ -27,14 +28,15 @@ from methods.get import get_loss
 from methods.simgcd import teacher_temperature
 from methods.tes import tes_loss
 from model import (TESStage, TextEmbeddingSynthesizer, build_clip, build_get_model, class_text_embeddings,
-                   get_model_from_checkpoint, get_tokenizer, vision_image_size)
+                   get_model_from_checkpoint, get_tokenizer, sample_keep_mask, vision_image_size)
 from params import ARCHITECTURE_FLAGS, flag_names, parse_args
-from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_stage2_checkpoint, seed_everything
-from util.dist import barrier, cleanup_distributed, gather_views, init_distributed, wrap_ddp
+from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_stage2_checkpoint
+from util.dist import DistInfo, barrier, cleanup_distributed, gather_views, init_distributed, local_rows, wrap_ddp
 from util.estimate_k import estimate_for_run, k_from_checkpoint
 from util.logging_utils import get_logger, setup_logging
 from util.reporting import report
 from util.resume import Resume, find_resume
+from util.rng import derive_seed, seed_everything
 from util.runs import Run, RunLockedError, find_tes_checkpoint, new_run_dir, open_run
 
 
@@ -84,14 +86,15 @@ def stage1(run: Run, clip, data: Loaders, checkpoint: dict | None) -> dict | Non
     if out.is_file():
         get_logger().info("stage 1 already finished in this run: using %s", out)
         return stage1_result(run, out)
-    model = TESStage(clip, TextEmbeddingSynthesizer(clip, args.n_words, args.word_drop), amp=args.amp)
+    seed_everything(args.seed, "tes")  # the projector's initial weights
+    model = TESStage(clip, TextEmbeddingSynthesizer(clip, args.n_words), amp=args.amp)
     net = wrap_ddp(model.to(run.device), run.info)
     old_names = data.class_names[:args.num_labeled_classes]
     class_text = class_text_embeddings(clip, get_tokenizer(args.clip_model), old_names, args.prompt_template)
     logit_scale = float(clip.logit_scale.exp())
 
-    def loss_fn(images, labels, labelled, epoch):
-        f, t = net(images)
+    def loss_fn(images, labels, labelled, epoch, step):
+        f, t = net(images, word_drop_mask(args, run.info, epoch, step, len(images)))
         b = gather_views({"f": f, "t": t, "labels": labels, "labelled": labelled}, run.info)
         return tes_loss(b["f"], b["t"], logit_scale, b["labels"], b["labelled"], class_text)
 
@@ -104,6 +107,17 @@ def stage1(run: Run, clip, data: Loaders, checkpoint: dict | None) -> dict | Non
     get_logger().info("stage 1 done: TES saved to %s", out)
     barrier()
     return model.tes.projector.state_dict()
+
+
+def word_drop_mask(args, info: DistInfo, epoch: int, step: int, rows: int) -> Tensor | None:
+    """Stage 1's word dropout (--word_drop) for this process's ``rows`` of a step: drawn for
+    the whole global batch from the step's own seed, so that neither the number of processes
+    nor a resume changes it."""
+    if not args.word_drop:
+        return None
+    generator = torch.Generator().manual_seed(derive_seed(args.seed, "tes", epoch, step, "word_drop"))
+    keep = sample_keep_mask(rows * info.world_size, args.n_words, args.word_drop, generator)
+    return local_rows(keep, info)  # on the CPU; the TES moves it
 
 
 def stage1_result(run: Run, path: Path) -> dict:
@@ -121,14 +135,14 @@ def stage2(run: Run, clip, projector: dict, data: Loaders, checkpoint: dict | No
     args = run.args
     # Stage 2 starts from the same random state whatever happened after stage 1 (a kill
     # before its first checkpoint, a separate --stage get run).
-    seed_everything(args.seed + 1)
+    seed_everything(args.seed, "get")
     meta = {**checkpoint_meta(args), **{key: getattr(args, key) for key in ARCHITECTURE_FLAGS}}
     model = build_get_model(clip, projector, meta, args.amp)
     net = wrap_ddp(torch.compile(model) if args.compile else model, run.info)
     teacher_temp = partial(teacher_temperature, warmup_temp=args.warmup_teacher_temp,
                            final_temp=args.teacher_temp, warmup_epochs=args.warmup_teacher_temp_epochs)
 
-    def loss_fn(images, labels, labelled, epoch):
+    def loss_fn(images, labels, labelled, epoch, step):
         b = gather_views({**net(images), "labels": labels, "labelled": labelled}, run.info)
         return get_loss(b, b["labels"], b["labelled"], teacher_temp(epoch), sup_weight=args.sup_weight,
                         memax_weight=args.memax_weight, cico_weight=args.cico_weight)

@@ -58,8 +58,7 @@ class ReferenceGETModel(GETModel):
         self.frozen_tail = None  # the shared trunk's copy: the reference has none
         self.image_clip = frozen_copy(clip_model)
         self.text_clip = frozen_copy(clip_model)
-        self.text_tes = TextEmbeddingSynthesizer(self.text_clip, n_words=tes.n_words,
-                                                 word_drop=tes.word_drop)
+        self.text_tes = TextEmbeddingSynthesizer(self.text_clip, n_words=tes.n_words)
         self.text_tes.special_ids.copy_(tes.special_ids)
         self.text_tes.projector = tes.projector
         self.text_tes.eval()

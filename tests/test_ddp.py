@@ -16,7 +16,7 @@ import model
 import train
 from methods.get import get_loss
 from methods.tes import tes_loss
-from tests.test_demo import demo_flags
+from bench.demo_seeds import demo_flags
 from tests.test_reliability import free_port, torchrun
 from util.dist import DistInfo, gather_views, wrap_ddp
 
@@ -104,8 +104,9 @@ def epoch_losses(run_dir) -> dict:
 
 
 def test_two_process_demo_run_logs_the_losses_of_one_process(tmp_path):
+    # With word dropout: each step's mask is drawn for the global batch, not per process.
     flags = demo_flags() + ["--tes_epochs", "1", "--epochs", "1", "--max_steps_per_epoch", "3",
-                            "--exp_root", str(tmp_path), "--no-progress"]
+                            "--word_drop", "0.5", "--exp_root", str(tmp_path), "--no-progress"]
     torchrun(flags + ["--exp_name", "two"])
     train.main(flags + ["--exp_name", "one"])
     (two,), (one,) = (list((tmp_path / "digits").glob(f"{name}-*")) for name in ("two", "one"))

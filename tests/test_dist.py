@@ -11,8 +11,8 @@ from util.dist import ShardSampler, WeightedEpochSampler
 WEIGHTS = torch.tensor([1.0] * 10 + [0.25] * 41, dtype=torch.float64)  # 10 labelled, 41 unlabelled
 
 
-def draw(sampler, epoch: int, skip: int = 0) -> list[tuple[int, int]]:
-    sampler.set_epoch(epoch, skip=skip)
+def draw(sampler, epoch: int, skip: int = 0, stage: str = "tes") -> list[tuple[int, int]]:
+    sampler.set_epoch(epoch, skip=skip, stage=stage)
     return list(sampler)
 
 
@@ -22,12 +22,22 @@ def batches(items: list, size: int) -> list[list]:
 
 def test_one_process_is_weighted_random_sampler_with_the_epoch_generator():
     sampler = WeightedEpochSampler(WEIGHTS, batch_size=8, seed=3)
-    for epoch in (0, 1, 7):
-        gen = torch.Generator().manual_seed(3 * 100_003 + epoch)
+    for stage, epoch in (("tes", 0), ("tes", 1), ("get", 7)):
+        indices = [index for index, _ in draw(sampler, epoch, stage=stage)]
+        gen = torch.Generator().manual_seed(sampler.draw_seed())
         expected = list(WeightedRandomSampler(WEIGHTS, 51, replacement=True, generator=gen))
-        indices = [index for index, _ in draw(sampler, epoch)]
         assert indices == expected[:48]  # 6 whole batches of 8; the last 3 are dropped
-    assert draw(sampler, 0) != draw(sampler, 1)  # reshuffled every epoch
+
+
+def test_every_epoch_of_every_stage_and_seed_draws_its_own_batches():
+    def indices(seed: int, stage: str, epoch: int) -> list[int]:
+        return [index for index, _ in draw(WeightedEpochSampler(WEIGHTS, 8, seed=seed), epoch, stage=stage)]
+
+    # 48 draws from 51 indices: two independent epochs agree on about 1/51 of the positions.
+    streams = [indices(seed, stage, epoch) for seed in (0, 1) for stage in ("tes", "get") for epoch in (0, 1)]
+    for i, a in enumerate(streams):
+        for b in streams[i + 1:]:
+            assert sum(x == y for x, y in zip(a, b)) < 8, (a, b)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -48,13 +58,16 @@ def test_a_size_that_used_to_give_unequal_shards_gives_equal_steps():
     assert lengths == [7, 7]
 
 
-def test_augmentation_seeds_follow_seed_epoch_and_position_only():
-    items = draw(WeightedEpochSampler(WEIGHTS, 8, seed=0), epoch=0)
-    seeds = [seed for _, seed in items]
+def test_augmentation_seeds_are_new_for_every_seed_stage_epoch_and_position():
+    seeds = [seed for _, seed in draw(WeightedEpochSampler(WEIGHTS, 8, seed=0), epoch=0)]
     assert len(set(seeds)) == len(seeds)  # a sample drawn twice is augmented twice differently
-    other_epoch = {seed for _, seed in draw(WeightedEpochSampler(WEIGHTS, 8, seed=0), epoch=1)}
-    other_seed = {seed for _, seed in draw(WeightedEpochSampler(WEIGHTS, 8, seed=1), epoch=0)}
-    assert not other_epoch & set(seeds) and not other_seed & set(seeds)
+    assert all(0 <= seed < 2 ** 64 for seed in seeds)
+    for seed, stage, epoch in ((0, "tes", 1), (0, "get", 0), (1, "tes", 0)):
+        other = [s for _, s in draw(WeightedEpochSampler(WEIGHTS, 8, seed=seed), epoch, stage=stage)]
+        assert not set(other) & set(seeds)
+        # Different in the low 32 bits (torch's CPU generator) and the high ones (NumPy's).
+        assert not {s & 0xFFFFFFFF for s in other} & {s & 0xFFFFFFFF for s in seeds}
+        assert not {s >> 32 for s in other} & {s >> 32 for s in seeds}
 
 
 def test_labelled_and_unlabelled_are_balanced_in_expectation():

@@ -218,31 +218,28 @@ def test_tes_state_dict_holds_only_projector_and_gradients_reach_it(tokenizer):
     assert all(p.grad is None for p in clip.parameters())
 
 
-def test_word_dropout_rates_and_modes(tokenizer):
-    clip = make_clip(0)
-    tes = make_tes(clip, tokenizer, word_drop=0.5)
-    torch.manual_seed(5)
-    keep = tes.sample_keep_mask(20000, "cpu")
+def test_word_dropout_rates_and_masks(tokenizer):
+    keep = model.sample_keep_mask(20000, N_WORDS, 0.5, torch.Generator().manual_seed(5))
     assert keep.dtype == torch.bool and keep.shape == (20000, N_WORDS)
     assert bool(keep.any(dim=1).all())
     # A row keeps a word with prob 0.5, plus the rescue of all-dropped rows (prob 0.5**7,
     # then one of the 7 words kept).
     expected = 0.5 + 0.5 ** N_WORDS / N_WORDS
     assert abs(keep.float().mean().item() - expected) < 0.01
-    always_drop = make_tes(clip, tokenizer, word_drop=0.99).sample_keep_mask(5000, "cpu")
+    always_drop = model.sample_keep_mask(5000, N_WORDS, 0.99)
     assert bool((always_drop.sum(dim=1) >= 1).all())
+    with pytest.raises(ValueError, match="word_drop"):
+        model.sample_keep_mask(4, N_WORDS, 1.0)
 
+    clip = make_clip(0)
+    tes = make_tes(clip, tokenizer)
     emb = torch.randn(16, 32)
+    mask = model.sample_keep_mask(16, N_WORDS, 0.5, torch.Generator().manual_seed(6))
     with torch.no_grad():
         words = tes.projector(emb).unflatten(1, (N_WORDS, 64))
         full = tes.encode_words(words)
-        tes.eval()
-        assert torch.equal(tes(emb), full)
-        tes.train()
-        torch.manual_seed(6)
-        dropped = tes(emb)
-        torch.manual_seed(6)
-        mask = tes.sample_keep_mask(16, "cpu")
+        assert torch.equal(tes(emb), full)  # no mask: every word
+        dropped = tes(emb, mask)
     assert not mask.all()
     torch.testing.assert_close(dropped, tes.encode_words(words, mask), atol=1e-6, rtol=0)
     assert not torch.allclose(dropped, full)
@@ -349,14 +346,14 @@ def test_get_model_separate_heads_both_train(tokenizer):
 
 def test_get_model_train_mode_touches_only_trainable_parts(tokenizer):
     clip = make_clip(0)
-    tes = make_tes(clip, tokenizer, word_drop=0.5)
+    tes = make_tes(clip, tokenizer)
     net = model.GETModel(clip, tes, num_classes=5, grad_from_block=2).train()
     blocks = clip.visual.transformer.resblocks
     assert net.training and net.head.training and net.text_map.training
     assert [b.training for b in blocks] == [False, False, True, True]
     assert not clip.training and not clip.visual.ln_post.training and not clip.transformer.training
     assert not tes.training and not net.frozen_tail.training
-    # The TES stays in eval mode: no word dropout, the text branch is deterministic.
+    # The TES stays in eval mode and gets no word-dropout mask: the text branch is deterministic.
     x = images()
     torch.testing.assert_close(net(x)["t_feat"], net(x)["t_feat"], atol=0, rtol=0)
     net.eval()

@@ -21,9 +21,9 @@ from data.augmentations import get_transforms
 from data.data_utils import load_image
 from data.get_datasets import get_class_names, get_class_splits, get_datasets
 from engine import checkpoint_meta
-from model import GETModel, HeadConfig, TextEmbeddingSynthesizer, get_tokenizer, load_clip
+from model import GETModel, HeadConfig, TextEmbeddingSynthesizer, build_clip, get_tokenizer
 from params import ARCHITECTURE_FLAGS, parse_args
-from util.checkpoint import CheckpointError, seed_everything
+from util.checkpoint import CheckpointError
 
 FLAGS = ["--dataset_name", "digits", "--clip_model", "GET-tiny", "--pretrained", "none", "--device", "cpu",
          "--grad_from_block", "2", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--num_workers", "0",
@@ -117,8 +117,7 @@ def synthetic_checkpoint(path: Path, image_files: list[Path], candidate: str, se
     tokens = get_tokenizer("GET-tiny")([f"a photo of a {candidate}"])[0]
     words = tokens[1:int(tokens.argmax())]  # between start and end of text (the largest id)
     args = get_class_splits(parse_args(FLAGS + ["--seed", str(seed), "--n_words", str(len(words))]))
-    seed_everything(seed)
-    clip = load_clip("GET-tiny", None)  # the CLIP predict.py rebuilds from the same seed
+    clip = build_clip(args)  # the CLIP predict.py rebuilds from the same seed
     tes = TextEmbeddingSynthesizer(clip, n_words=len(words))
     model = GETModel(clip, tes, 10, grad_from_block=2, head=HeadConfig(True, 64, 32)).eval()
     _, test_tf = get_transforms(image_size=32)

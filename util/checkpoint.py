@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loads, RNG state capture.
+"""Checkpoints: atomic writes and safe loads.
 
 Every checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
 with ``torch.load(weights_only=True)`` and never executes pickled code. Writes go to a
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 
@@ -98,43 +96,3 @@ def load_stage2_checkpoint(path: str | Path, flag: str, expect: Mapping[str, Any
         raise CheckpointError(f"{flag} {path} is not a stage-2 checkpoint: pass last.pt or best.pt of a run "
                               "that trained stage 2 (tes.pt and tes_last.pt hold stage 1 only)")
     return ckpt
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """The state of every random generator the training loop uses, as weights-only-safe data."""
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {
-        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore the generators saved by :func:`rng_state`."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    np_state = state["numpy"]
-    np.random.set_state((
-        "MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-        np_state["has_gauss"], np_state["cached_gaussian"],
-    ))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
+from util.rng import derive_seed, sample_seeds
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -83,16 +85,17 @@ def barrier() -> None:
 class WeightedEpochSampler(Sampler[tuple[int, int]]):
     """The GCD training sampler: the same global batches whatever the number of processes.
 
-    Each epoch draws ``len(weights)`` indices with replacement in proportion to ``weights``
-    (labelled samples weight 1, unlabelled ones n_labelled / n_unlabelled), as
-    ``WeightedRandomSampler`` does, from a generator seeded by ``(seed, epoch)``, so identical
-    on every process. Global batch i is draw[i·B : (i+1)·B] (the incomplete last batch is
-    dropped); process r takes the r-th of its world_size equal slices, so every process runs
-    the same number of steps and the slices of all processes, in rank order, are one
-    process's batch.
+    Each epoch of each stage draws ``len(weights)`` indices with replacement in proportion to
+    ``weights`` (labelled samples weight 1, unlabelled ones n_labelled / n_unlabelled), as
+    ``WeightedRandomSampler`` does, from a generator seeded by (seed, stage, epoch), so
+    identical on every process and new in every epoch of every stage. Global batch i is
+    draw[i·B : (i+1)·B] (the incomplete last batch is dropped); process r takes the r-th of
+    its world_size equal slices, so every process runs the same number of steps and the slices
+    of all processes, in rank order, are one process's batch.
 
-    Items are ``(index, sample_seed)``: the seed of the sample's augmentation, a function of
-    (seed, epoch, position in the draw) only (see ``data.loaders.SeededSamples``).
+    Items are ``(index, sample_seed)``: the 64-bit seed of the sample's augmentation, an
+    independent random number for every (seed, stage, epoch, position in the draw), whichever
+    process or loader worker loads it (see ``data.loaders.SeededSamples``).
     """
 
     def __init__(self, weights: torch.Tensor, batch_size: int, seed: int, rank: int = 0,
@@ -104,12 +107,16 @@ class WeightedEpochSampler(Sampler[tuple[int, int]]):
         self.weights = weights.double()
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = self.skip = 0
+        self.stage, self.epoch, self.skip = "", 0, 0
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's draw; ``skip`` drops this process's first samples, so a run
-        resumed mid-epoch sees exactly the batches it had not trained on yet."""
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, skip: int = 0, stage: str = "") -> None:
+        """Select the draw of ``epoch`` of ``stage``; ``skip`` drops this process's first
+        samples, so a run resumed mid-epoch sees exactly the batches it had not trained on yet."""
+        self.stage, self.epoch, self.skip = stage, epoch, skip
+
+    def draw_seed(self) -> int:
+        """The seed of the generator that draws the indices of the selected epoch."""
+        return derive_seed(self.seed, self.stage, self.epoch, "draw")
 
     def positions(self) -> torch.Tensor:
         """This process's positions in the epoch's draw, in order (before ``skip``)."""
@@ -118,12 +125,11 @@ class WeightedEpochSampler(Sampler[tuple[int, int]]):
         return torch.arange(steps * self.batch_size).view(steps, self.world_size, per_rank)[:, self.rank].flatten()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch_seed = self.seed * 100_003 + self.epoch
         draw = torch.multinomial(self.weights, len(self.weights), replacement=True,
-                                 generator=torch.Generator().manual_seed(epoch_seed))
+                                 generator=torch.Generator().manual_seed(self.draw_seed()))
+        seeds = sample_seeds(len(self.weights), self.seed, self.stage, self.epoch, "augment")
         positions = self.positions()[self.skip:]
-        # Distinct for every (seed, epoch, position) of datasets up to 2^32 samples.
-        return zip(draw[positions].tolist(), ((epoch_seed << 32) + p for p in positions.tolist()))
+        return zip(draw[positions].tolist(), seeds[positions.numpy()].tolist())
 
     def __len__(self) -> int:
         return max(0, len(self.positions()) - self.skip)
@@ -181,6 +187,15 @@ def gather_views(batch: dict[str, torch.Tensor], info: DistInfo) -> dict[str, to
     parts = global_rows.split([c.shape[1] for c in columns], dim=1)
     return {key: part.reshape(n * rows, *value.shape[1:]).to(value.dtype)
             for (key, value), part in zip(batch.items(), parts)}
+
+
+def local_rows(global_rows: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This process's rows of a tensor over the 2B rows of the global batch (in the order of
+    ``gather_views``: view 1 of every process's samples in rank order, then view 2): the rows
+    that ``gather_views`` would put there from this process."""
+    if not info.enabled:
+        return global_rows
+    return global_rows.view(2, info.world_size, -1, *global_rows.shape[1:])[:, info.rank].flatten(0, 1)
 
 
 def gather_predictions(local: dict[str, torch.Tensor], info: DistInfo) -> dict[str, torch.Tensor]:

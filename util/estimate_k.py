@@ -49,6 +49,7 @@ from util.cluster_and_log_utils import split_cluster_acc_v2
 from util.dist import DistInfo, ShardSampler, broadcast_object, gather_predictions
 from util.logging_utils import get_logger, save_json
 from util.resume import resume_path
+from util.rng import derive_seed
 from util.runs import Run, tes_checkpoint_path
 
 K_ESTIMATE = "k_estimate.json"
@@ -75,11 +76,13 @@ class KEstimate:
 
 def labelled_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.ndarray, k: int,
                       seed: int = 0) -> float:
-    """Hungarian accuracy on the labelled rows of a k-means of ALL rows into k clusters.
+    """Hungarian accuracy on the labelled rows of a k-means of ALL rows into k clusters, its
+    initial centres drawn from a stream of its own for each (seed, k).
 
     features: float [N, D]; labels: int [N] (any value where not labelled); labelled: bool [N].
     """
-    clusters = KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=seed).fit_predict(features)
+    kmeans = KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=derive_seed(seed, "k-means", k))
+    clusters = kmeans.fit_predict(features)
     return split_cluster_acc_v2(labels[labelled], clusters[labelled], np.ones(int(labelled.sum()), bool))[0]
 
 

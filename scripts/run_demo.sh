@@ -5,7 +5,7 @@
 #
 # The CLIP is a tiny one that has learnt a little language: weights/GET-tiny-digits.pt, made by
 # scripts/pretrain_tiny_clip.py (contrastive image-text pre-training on digits rendered from
-# fonts and pen strokes, never on scikit-learn's digits; zero-shot 0.76 on them). As in the
+# fonts and pen strokes, never on scikit-learn's digits; zero-shot 0.75 on them). As in the
 # paper, CLIP is fine-tuned from its last block only (--grad_from_block 3 of 4 blocks). The
 # rest suits the small data and model, not the paper's ViT-B/16: small batches, a lower
 # learning rate, a narrower head MLP, fewer epochs and a 10-epoch teacher warm-up.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shlex
+import statistics
 from argparse import Namespace
 from pathlib import Path
 
@@ -18,23 +18,15 @@ import numpy as np
 import torch
 
 import train
+from bench.demo_seeds import demo_flags
 from data.get_datasets import get_class_splits, get_datasets
-from model import load_clip
+from data.loaders import build_loaders
+from model import load_clip, vision_image_size
+from params import parse_args
 from util.cluster_and_log_utils import split_cluster_acc_v2
+from util.dist import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_SCRIPT = REPO / "scripts" / "run_demo.sh"
-
-
-def demo_flags() -> list[str]:
-    """The train.py flags of scripts/run_demo.sh (so the test follows the script); the script
-    runs from the repository root, so its --pretrained path is taken from there."""
-    text = DEMO_SCRIPT.read_text().replace("\\\n", " ")
-    command = next(line for line in text.splitlines() if line.startswith('"$PY" train.py'))
-    words = [w for w in shlex.split(command.split("train.py", 1)[1]) if w != "$@"]
-    weights = words.index("--pretrained") + 1
-    words[weights] = str(REPO / words[weights])
-    return words
 
 
 def chance_accuracy(y_true: np.ndarray, trials: int = 20) -> float:
@@ -95,6 +87,29 @@ def test_short_demo_learns_in_every_branch_and_term(tmp_path):
         assert last[f"{branch}/supcon"] < supcon_chance(batch) - 0.6, last
 
 
+def test_demo_seeds_draw_their_own_augmentations_and_results(tmp_path):
+    # A guard over whole runs: seeds that shared their augmentation stream, or whose results did
+    # not move at all, would mean a seed that is ignored somewhere.
+    flags = demo_flags() + ["--exp_root", str(tmp_path), "--no-progress"]
+    first_views = {}
+    for seed in (0, 1, 2):
+        args = get_class_splits(parse_args(flags + ["--seed", str(seed)]))
+        loader = build_loaders(args, vision_image_size(args.clip_model), DistInfo(), tmp_path).train
+        for stage, epoch in (("tes", 0), ("tes", 1), ("get", 0)):
+            loader.sampler.set_epoch(epoch, stage=stage)
+            first_views[seed, stage, epoch] = torch.cat(next(iter(loader))[0])
+    views = list(first_views.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(views) for b in views[i + 1:])
+
+    # Three very short runs (1 + 2 epochs): measured visual All 0.780 / 0.727 / 0.786.
+    results = [train.main(flags + ["--tes_epochs", "1", "--epochs", "2", "--eval_every", "2", "--seed", str(seed),
+                                   "--exp_name", f"seed{seed}"])
+               for seed in (0, 1, 2)]
+    visual = [r["train_unlabelled/visual/all"] for r in results]
+    assert len({tuple(round(v, 6) for v in r.values()) for r in results}) == 3, visual
+    assert statistics.pstdev(visual) > 0.002, visual
+
+
 def load_pretraining_script():
     """scripts/pretrain_tiny_clip.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("pretrain_tiny_clip",
@@ -128,3 +143,22 @@ def test_pretraining_writes_the_same_loadable_file_twice(tmp_path):
     state = torch.load(out, weights_only=True)["state_dict"]
     assert state["token_embedding.weight"].dtype == torch.float16
     load_clip("GET-tiny-digits", str(out))  # the demo's route reads it
+
+
+def test_pretraining_streams_never_repeat_each_other():
+    # The held-out digits of one --seed used to be the training digits of the next (seed + 1),
+    # and the batches drew the numbers of the initial weights (both seeded with --seed).
+    pretrain = load_pretraining_script()
+    fonts = pretrain.find_fonts()
+
+    def digits(seed: int, purpose: str) -> torch.Tensor:
+        return pretrain.render_pool(1, fonts, 0.4, pretrain.random_streams(seed)[purpose])[0]
+
+    held_out_0, training_1, training_0 = digits(0, "held-out digits"), digits(1, "training digits"), digits(0, "training digits")
+    assert not torch.equal(held_out_0, training_1) and not torch.equal(training_0, held_out_0)
+    assert torch.equal(digits(0, "training digits"), training_0)
+    streams = pretrain.random_streams(0)
+    torch.manual_seed(streams["initial weights"])
+    init_words = torch.randint(0, 2 ** 32, (20,), dtype=torch.int64)
+    batch_words = torch.randint(0, 2 ** 32, (20,), dtype=torch.int64, generator=streams["batches"])
+    assert not set(init_words.tolist()) & set(batch_words.tolist())

@@ -25,14 +25,21 @@ The ``digits`` demo is built into scikit-learn and has no root.
 Example::
 
     GET_CUB_ROOT=$HOME/datasets/CUB python train.py --dataset_name cub
+
+It also knows the CLIP architectures: open_clip's, and those whose configs are in
+``model_configs/`` (``GET-tiny``, ``GET-tiny-digits``; a JSON file there in open_clip's
+format adds one).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import open_clip
+
 REPO_ROOT = Path(__file__).resolve().parent
 ENV_PREFIX = "GET_"
+MODEL_CONFIG_DIR = REPO_ROOT / "model_configs"
 
 DATASET_NAMES: tuple[str, ...] = (
     "cifar10",
@@ -109,3 +116,46 @@ def output_root(override: str | os.PathLike | None = None) -> Path:
     if override is not None and str(override) != "":
         return Path(override).expanduser()
     return _from_env(f"{ENV_PREFIX}OUTPUT_ROOT") or REPO_ROOT / "outputs"
+
+
+def register_model_configs() -> None:
+    """Make the architectures of ``model_configs/`` known to open_clip (new files too); idempotent.
+
+    ``GET-tiny``: a 4-block ViT (32x32 images, patch 8, width 64) and a 2-block text transformer
+    with the real CLIP vocabulary and tokenizer, embedding size 32, no pretrained weights (its
+    random init follows the global torch RNG). ``GET-tiny-digits``: the same ViT with a narrower
+    text tower (width 32, 16 tokens), the architecture of the demo's pretrained weights
+    ``weights/GET-tiny-digits.pt`` (scripts/pretrain_tiny_clip.py).
+    """
+    known = set(open_clip.list_models())
+    if any(path.stem not in known for path in MODEL_CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def clip_vision_config(model_name: str) -> dict:
+    """The image-encoder config of an open_clip architecture (``ViT-B/16`` or ``ViT-B-16``)."""
+    register_model_configs()
+    cfg = open_clip.get_model_config(model_name.replace("/", "-"))
+    if cfg is None:
+        raise ValueError(f"unknown CLIP architecture {model_name!r} (flag --clip_model); known ones "
+                         f"include ViT-B-16 and those in {MODEL_CONFIG_DIR.name}/ (GET-tiny)")
+    return cfg["vision_cfg"]
+
+
+def vision_image_size(model_name: str) -> int:
+    """Input resolution (pixels per side) of an open_clip architecture, read from its config."""
+    size = clip_vision_config(model_name)["image_size"]
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+def vision_depth(model_name: str) -> int:
+    """Number of transformer blocks of the image encoder of an open_clip ViT architecture.
+
+    Raises ValueError for an unknown name or a non-ViT image encoder.
+    """
+    vision = clip_vision_config(model_name)
+    layers = vision.get("layers")
+    if not isinstance(layers, int) or "timm_model_name" in vision:
+        raise ValueError(f"--clip_model {model_name!r} does not have a plain ViT image encoder; "
+                         "GET needs one (e.g. ViT-B-16)")
+    return layers

@@ -1,6 +1,6 @@
 """Estimate the number of classes K of a dataset, as ``train.py --num_classes auto`` does before
 training (the method of GCD, Vaze et al. 2022: k-means of the frozen CLIP features of all
-training images, scored on the labelled ones, Brent's search of k; util/estimate_k.py):
+training images, scored on the labelled ones, Brent's search of k; evaluation/k_estimate.py):
 
     python estimate_k.py --dataset_name folder --data_root DIR --out k.json
     python estimate_k.py --dataset_name cub --max_classes 400
@@ -17,13 +17,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from data.get_datasets import get_class_splits
-from model import build_clip
+import torch
+
+from backbone import build_clip
+from data.task import task_from_args
+from errors import USER_ERRORS
+from evaluation.k_estimate import KEstimate, estimate_k, format_estimate
 from params import get_args_parser, parse_args
-from train import USER_ERRORS
 from util.dist import cleanup_distributed, init_distributed
-from util.estimate_k import KEstimate, estimate_k, format_estimate
-from util.logging_utils import get_logger, save_json, setup_logging
+from util.io import save_json
+from util.logging_utils import get_logger, setup_logging
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -39,12 +42,11 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> KEstimate:
     args = parse_args(argv, get_parser())
     info = init_distributed(args.device)
-    args.device = info.device(args.device)
     setup_logging(None, info.is_main)
     try:
-        get_class_splits(args)
-        estimate = estimate_k(build_clip(args), args, info)
-        get_logger().info("%s", format_estimate(estimate, args.num_labeled_classes))
+        task, device = task_from_args(args), torch.device(info.device(args.device))
+        estimate = estimate_k(build_clip(args, device), task, args, device, info)
+        get_logger().info("%s", format_estimate(estimate, task.num_labeled_classes))
         if args.out and info.is_main:
             save_json(estimate.record(), Path(args.out))
             get_logger().info("written to %s", args.out)

@@ -1,310 +1,44 @@
-"""CLIP backbone, Text Embedding Synthesizer (TES), DINO head and the two GET stage models.
+"""The models of GET: the Text Embedding Synthesizer (TES), the DINO head and the two stage
+models, on the frozen CLIP of backbone.py.
 
-Everything GET needs from CLIP lives here (GET_SPEC.md §2-§4):
-
-* ``load_clip`` builds a frozen fp32 open_clip CLIP (ViT-B/16 with OpenAI weights by default,
-  or the random-init ``GET-tiny`` architecture used by the tests and the demo, registered with
-  open_clip when this module is imported);
-* ``clip_autocast`` is the one precision switch: bf16 autocast covers the CLIP encoders only;
-  the text mapping, the heads and (in the callers) the losses run in fp32;
-* ``visual_trunk`` / ``visual_tail`` / ``visual_project`` split the image encoder at
-  ``grad_from_block`` so that the frozen blocks run once, without autograd;
 * ``TextEmbeddingSynthesizer`` turns a CLIP image embedding into 7 pseudo words and encodes them
   with CLIP's own frozen text transformer (stage 1 trains its projector);
 * ``DINOHead`` is the SimGCD head (MLP projection + cosine classifier with a fixed norm),
   ``HeadConfig`` its layout in ``GETModel``;
-* ``TESStage`` (stage 1) and ``GETModel`` (stage 2) assemble them; each has one
-  ``set_trainable`` that decides what trains and a ``parameter_summary`` for the log. Their
-  outputs are float32.
+* ``TESStage`` (stage 1) and ``GETModel`` (stage 2) assemble them and own the frozen CLIP (a
+  submodule of theirs, handed to the TES at each call); each has one ``set_trainable`` that
+  decides what trains and a ``parameter_summary`` for the log. Their outputs are float32;
+* ``GETConfig`` is the stage-2 architecture: what a stage-2 checkpoint carries to rebuild it.
 
-The reference's slower computation (three CLIP copies, two image-encoder passes per step) is
-not here: ``bench/reference.py`` keeps it as the baseline of the benchmarks and of the
-equivalence tests. Used by ``train.py``, e.g.::
-
-    python train.py --dataset_name cub --stage all                     # ViT-B-16, OpenAI weights
-    python train.py --dataset_name digits --clip_model GET-tiny --pretrained none   # CPU demo
+The method as implemented: docs/method.md. The reference's slower computation (three CLIP
+copies, two image-encoder passes per step) is not here: ``bench/reference.py`` keeps it as the
+baseline of the benchmarks and of the equivalence tests.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import os
-import pickle
-import warnings
-import zipfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from util.checkpoint import CheckpointError
-from util.rng import seed_everything
-
-TINY_MODEL_NAME = "GET-tiny"
-_MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+from backbone import (check_supported_clip, clip_autocast, device_of, frozen_copy, text_project, visual_project,
+                      visual_tail, visual_trunk)
 
 # open_clip's tokenizer pads with id 0; the TES pads a shortened pseudo text with its embedding.
 PAD_TOKEN_ID = 0
 # The reference fuses the two heads as the mean of softmax(raw logits): temperature 1, although
 # the losses use logits / 0.1. ``predict`` keeps that default and lets the caller choose.
 FUSE_TEMPERATURE = 1.0
-# Non-weight entries of OpenAI's TorchScript checkpoints.
-_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 # --------------------------------------------------------------------------------------------
-# CLIP loading
-# --------------------------------------------------------------------------------------------
-
-def _register_tiny_clip() -> None:
-    """Register the configs of ``model_configs/`` with open_clip; idempotent.
-
-    Called once, when this module is imported. ``GET-tiny``: a 4-block ViT (32x32 images,
-    patch 8, width 64) and a 2-block text transformer with the real CLIP vocabulary and
-    tokenizer, embedding size 32; no pretrained weights (its random init follows the global
-    torch RNG, so seed torch before ``load_clip`` for identical models). ``GET-tiny-digits``:
-    the same ViT with a narrower text tower (width 32, 16 tokens), the architecture of the
-    demo's pretrained weights ``weights/GET-tiny-digits.pt`` (scripts/pretrain_tiny_clip.py).
-    """
-    if TINY_MODEL_NAME not in open_clip.list_models():
-        open_clip.add_model_config(_MODEL_CONFIG_DIR)
 
 
-_register_tiny_clip()
-
-
-def _vision_config(model_name: str) -> dict:
-    cfg = open_clip.get_model_config(model_name.replace("/", "-"))
-    if cfg is None:
-        raise ValueError(f"unknown CLIP architecture {model_name!r} (flag --clip_model); "
-                         f"known ones include ViT-B-16 and {TINY_MODEL_NAME}")
-    return cfg["vision_cfg"]
-
-
-def vision_image_size(model_name: str) -> int:
-    """Input resolution (pixels per side) of an open_clip architecture, read from its config."""
-    size = _vision_config(model_name)["image_size"]
-    return size[0] if isinstance(size, (tuple, list)) else size
-
-
-def vision_depth(model_name: str) -> int:
-    """Number of transformer blocks of the image encoder of an open_clip ViT architecture.
-
-    Raises ValueError for an unknown name or a non-ViT image encoder.
-    """
-    cfg = {"vision_cfg": _vision_config(model_name)}
-    layers = cfg["vision_cfg"].get("layers")
-    if not isinstance(layers, int) or "timm_model_name" in cfg["vision_cfg"]:
-        raise ValueError(f"--clip_model {model_name!r} does not have a plain ViT image encoder; "
-                         "GET needs one (e.g. ViT-B-16)")
-    return layers
-
-
-def get_tokenizer(model_name: str = "ViT-B-16") -> open_clip.tokenizer.SimpleTokenizer:
-    """open_clip's tokenizer for ``model_name`` (callable: list[str] -> LongTensor [N, 77])."""
-    return open_clip.get_tokenizer(model_name.replace("/", "-"))
-
-
-def load_clip(model_name: str = "ViT-B-16", pretrained: str | None = "openai",
-              device: str | torch.device = "cpu", cache_dir: str | None = None) -> open_clip.CLIP:
-    """A frozen open_clip CLIP in fp32 and eval mode (every parameter has requires_grad=False).
-
-    Args:
-        model_name: open_clip architecture, e.g. ``ViT-B-16`` or ``GET-tiny``.
-        pretrained: an open_clip tag (``openai``), a local checkpoint file (an open_clip / OpenAI
-            state dict, or OpenAI's TorchScript ``ViT-B-16.pt``), or None / '' for random init
-            (also 'none'; seed torch first for a reproducible model).
-        device: where the model lives.
-        cache_dir: open_clip's download cache (flag ``--clip_cache_dir``).
-
-    QuickGELU (the activation of OpenAI's CLIP) is used unless the pretrained tag says its
-    weights were trained without it: local files are taken to hold OpenAI weights, as in GET.
-    """
-    model_name = model_name.replace("/", "-")
-    vision_depth(model_name)  # clear error for unknown or non-ViT architectures
-    checkpoint, quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
-    try:
-        jit_archive = checkpoint is not None and _is_torchscript_archive(checkpoint)
-        clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
-                                      precision="fp32", device=device, force_quick_gelu=quick_gelu)
-        if jit_archive:
-            _load_torchscript_weights(clip, checkpoint)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise CheckpointError(
-            f"--pretrained: could not read the CLIP weights in {checkpoint} ({type(err).__name__}: "
-            f"{err}). The file may be truncated or not a {model_name} checkpoint; download it "
-            "again or pass another file") from err
-    check_supported_clip(clip)
-    clip.requires_grad_(False)
-    return clip.eval()
-
-
-def _resolve_pretrained(model_name: str, pretrained: str | None,
-                        cache_dir: str | None) -> tuple[str | None, bool]:
-    """(local checkpoint path or None, whether QuickGELU is needed) for ``--pretrained``."""
-    if not pretrained or pretrained.lower() == "none":
-        return None, True
-    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    if tag_cfg:
-        try:
-            path = open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
-        except (OSError, RuntimeError) as err:
-            raise CheckpointError(
-                f"could not download the CLIP weights {model_name} / {pretrained!r} ({err}). "
-                "Without internet, download them on a connected machine and either pass the file "
-                "with --pretrained /path/to/checkpoint (an open_clip state dict or OpenAI's "
-                "ViT-B-16.pt), or copy open_clip's cache folder and pass it with --clip_cache_dir "
-                "(or set HF_HOME for the Hugging Face cache)") from err
-        return path, bool(tag_cfg.get("quick_gelu", False))
-    if os.path.isfile(pretrained):
-        return pretrained, True
-    tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)) or "none"
-    raise FileNotFoundError(
-        f"--pretrained {pretrained!r}: no CLIP checkpoint file at {os.path.abspath(pretrained)} "
-        f"and not an open_clip tag of {model_name} (tags: {tags}). Pass --pretrained with an "
-        "existing checkpoint file, a tag such as 'openai', or 'none' for random init")
-
-
-def _is_torchscript_archive(path: str) -> bool:
-    """True for a TorchScript zip (OpenAI's original checkpoints), which torch.load refuses
-    with weights_only=True."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
-
-
-def _load_torchscript_weights(clip: nn.Module, path: str) -> None:
-    """Copy the weights of a TorchScript CLIP archive into ``clip`` (strict key match)."""
-    with warnings.catch_warnings():
-        # torch.jit.load is deprecated, but it is the only reader of these archives.
-        warnings.simplefilter("ignore", FutureWarning)
-        state = torch.jit.load(path, map_location="cpu").state_dict()
-    non_persistent = set(dict(clip.named_buffers())) - set(clip.state_dict())
-    skip = set(_OPENAI_METADATA_KEYS) | non_persistent
-    clip.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=True)
-
-
-def check_supported_clip(clip: nn.Module) -> None:
-    """Raise ValueError unless ``clip`` is an open_clip CLIP whose towers this module can split:
-    a ViT with class-token pooling and ln_post before pooling, batch-first transformers."""
-    if not isinstance(clip, open_clip.CLIP) or not isinstance(clip.visual, VisionTransformer):
-        raise ValueError("GET needs an open_clip CLIP with a ViT image encoder and the standard "
-                         f"text tower; got {type(clip).__name__} "
-                         "(choose e.g. --clip_model ViT-B-16)")
-    visual = clip.visual
-    if (visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool
-            or visual.proj is None):
-        raise ValueError("GET needs a CLIP ViT with class-token pooling, ln_post before pooling "
-                         "and a visual projection (as ViT-B-16)")
-    if not (getattr(visual.transformer, "batch_first", False)
-            and getattr(clip.transformer, "batch_first", False)):
-        raise ValueError("this open_clip version runs its transformers sequence-first; "
-                         "upgrade open_clip_torch (>= 3.0)")
-    if clip.attn_mask is None:
-        raise ValueError("GET needs CLIP's causal text attention mask")
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy with requires_grad=False everywhere, in eval mode."""
-    clone = copy.deepcopy(module)
-    clone.requires_grad_(False)
-    return clone.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Precision
-# --------------------------------------------------------------------------------------------
-
-def clip_autocast(device_type: str, enabled: bool) -> contextlib.AbstractContextManager:
-    """The one precision switch (GET_SPEC §4 "Precision"): bf16 autocast for the CLIP encoders.
-
-    The stage models run CLIP's image and text encoders (the TES included) inside
-    ``clip_autocast(device, amp)`` and the text mapping, the heads and their outputs inside
-    ``clip_autocast(device, False)``, which is true fp32 even within a caller's autocast
-    region; the losses get float32 tensors. Weights stay fp32 either way.
-
-    Args:
-        device_type: ``tensor.device.type`` of the inputs (``cuda``, ``cpu``, ...).
-        enabled: bf16 autocast on (``--amp``) or explicitly off.
-
-    Returns:
-        ``torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)``; a no-op context
-        where torch has no autocast (the meta device), which ``enabled=True`` refuses.
-    """
-    if not torch.amp.is_autocast_available(device_type):
-        if enabled:
-            raise ValueError(f"bf16 autocast is not available on device {device_type!r}")
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
-
-
-# --------------------------------------------------------------------------------------------
-# Image encoder split at grad_from_block
-# --------------------------------------------------------------------------------------------
-
-def visual_trunk(visual: VisionTransformer, images: Tensor, grad_from_block: int) -> Tensor:
-    """Stem and the first ``grad_from_block`` blocks of a CLIP ViT.
-
-    Args:
-        visual: ``clip.visual``.
-        images: [B, 3, H, W] float.
-        grad_from_block: g in [0, depth]; g = 0 runs the stem only.
-
-    Returns:
-        tokens [B, 1 + H*W/patch^2, width]: class token first (fewer if patch dropout is on).
-    """
-    x = visual.conv1(images)                                  # [B, width, H/p, W/p]
-    x = x.flatten(2).transpose(1, 2)                          # [B, L-1, width]
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-    x = visual.ln_pre(visual.patch_dropout(x))
-    for block in visual.transformer.resblocks[:grad_from_block]:
-        x = block(x)
-    return x
-
-
-def visual_tail(blocks: Iterable[nn.Module], ln_post: nn.Module, tokens: Tensor) -> Tensor:
-    """Remaining blocks, then ln_post and class-token pooling as open_clip does for ViT-B-16.
-
-    Args:
-        blocks: the blocks after the trunk (``visual.transformer.resblocks[g:]`` or a copy).
-        ln_post: ``visual.ln_post``.
-        tokens: [B, L, width] from ``visual_trunk``.
-
-    Returns:
-        CLS feature [B, width] (before the visual projection).
-    """
-    x = tokens
-    for block in blocks:
-        x = block(x)
-    return ln_post(x)[:, 0]
-
-
-def visual_project(visual: VisionTransformer, features: Tensor) -> Tensor:
-    """CLIP's visual projection: [B, width] -> [B, embed_dim]."""
-    return features @ visual.proj
-
-
-# --------------------------------------------------------------------------------------------
 # Text Embedding Synthesizer
 # --------------------------------------------------------------------------------------------
-
-def _text_project(clip: open_clip.CLIP, x: Tensor) -> Tensor:
-    """CLIP's text projection [B, text_width] -> [B, embed_dim] (a Parameter or a Linear)."""
-    if isinstance(clip.text_projection, nn.Linear):
-        return clip.text_projection(x)
-    return x @ clip.text_projection
-
 
 def sample_keep_mask(rows: int, n_words: int, word_drop: float,
                      generator: torch.Generator | None = None) -> Tensor:
@@ -319,19 +53,20 @@ def sample_keep_mask(rows: int, n_words: int, word_drop: float,
 
 
 class TextEmbeddingSynthesizer(nn.Module):
-    """TES (GET_SPEC §3): image embedding -> n_words pseudo word embeddings -> CLIP text encoder.
+    """TES (docs/method.md, stage 1): image embedding -> n_words pseudo word embeddings ->
+    CLIP's text encoder.
 
-    Only ``projector`` is a parameter of this module. The CLIP model is held as a plain
-    attribute, not a submodule, so ``state_dict()`` is the projector alone and ``.to()`` moves
-    only the projector: the owner of the CLIP model (``TESStage``, ``GETModel``) moves it.
-    The projector is created on CLIP's device; its init follows the global torch RNG.
+    Only ``projector`` is a parameter of this module: the frozen CLIP belongs to the stage
+    model, which passes it to every call, so ``state_dict()`` is the projector alone. The
+    projector is created on CLIP's device; its init follows the global torch RNG.
     """
 
     def __init__(self, clip_model: open_clip.CLIP, n_words: int = 7,
                  tokenizer: open_clip.tokenizer.SimpleTokenizer | None = None):
         """
         Args:
-            clip_model: frozen CLIP whose text tower encodes the pseudo words.
+            clip_model: the frozen CLIP whose text tower will encode the pseudo words (its
+                sizes are read here; it is not kept).
             n_words: pseudo words per image (7 in GET).
             tokenizer: gives the start/end-of-text ids; default open_clip's CLIP tokenizer.
         """
@@ -340,10 +75,8 @@ class TextEmbeddingSynthesizer(nn.Module):
         if n_words < 1 or n_words + 2 > clip_model.context_length:
             raise ValueError(f"n_words must be in [1, {clip_model.context_length - 2}]; "
                              f"got {n_words}")
-        # Bypasses nn.Module registration: no CLIP weights in this module's state_dict.
-        object.__setattr__(self, "clip", clip_model)
         tokenizer = tokenizer or open_clip.SimpleTokenizer()
-        device = _device_of(clip_model)
+        device = device_of(clip_model)
         # [SOT, EOT, PAD] token ids; a non-persistent buffer so that it follows .to() and stays
         # out of the state_dict.
         special_ids = [tokenizer.sot_token_id, tokenizer.eot_token_id, PAD_TOKEN_ID]
@@ -354,19 +87,27 @@ class TextEmbeddingSynthesizer(nn.Module):
         self.projector = nn.Linear(clip_model.visual.output_dim, n_words * self.text_width,
                                    device=device)
 
-    def forward(self, image_embeddings: Tensor, keep_mask: Tensor | None = None) -> Tensor:
-        """[B, embed_dim] CLIP image embeddings -> [B, embed_dim] pseudo text embeddings.
+    def check_fits(self, clip: open_clip.CLIP) -> None:
+        """Raise ValueError unless ``clip`` has the sizes this TES was built for."""
+        if (self.projector.in_features, self.text_width) != (clip.visual.output_dim, clip.token_embedding.embedding_dim):
+            raise ValueError("the TES was built for another CLIP architecture than the stage model's: build it "
+                             "on the same CLIP model")
+
+    def forward(self, clip: open_clip.CLIP, image_embeddings: Tensor, keep_mask: Tensor | None = None) -> Tensor:
+        """[B, embed_dim] CLIP image embeddings -> [B, embed_dim] pseudo text embeddings, encoded
+        by ``clip``'s text tower.
 
         keep_mask: word dropout, bool [B, n_words] from ``sample_keep_mask`` (stage 1 with
         --word_drop draws one per step); None keeps every word.
         """
         words = self.projector(image_embeddings).unflatten(1, (self.n_words, self.text_width))
-        return self.encode_words(words, keep_mask)
+        return self.encode_words(clip, words, keep_mask)
 
-    def encode_words(self, words: Tensor, keep_mask: Tensor | None = None) -> Tensor:
-        """Encode pseudo words with CLIP's text tower as the text ``[SOT] words [EOT]``.
+    def encode_words(self, clip: open_clip.CLIP, words: Tensor, keep_mask: Tensor | None = None) -> Tensor:
+        """Encode pseudo words with ``clip``'s text tower as the text ``[SOT] words [EOT]``.
 
         Args:
+            clip: the frozen CLIP the TES was built for.
             words: [B, n_words, text_width] word embeddings (any float dtype).
             keep_mask: optional bool [B, n_words]; the kept words are packed to the front in
                 their order, followed by EOT and padded with the embedding of token 0, as if
@@ -375,7 +116,6 @@ class TextEmbeddingSynthesizer(nn.Module):
         Returns:
             [B, embed_dim] text embeddings (not normalised), read at the EOT position.
         """
-        clip = self.clip
         batch, n_words, width = words.shape
         if (n_words, width) != (self.n_words, self.text_width):
             raise ValueError(f"words must be [B, {self.n_words}, {self.text_width}]; "
@@ -391,7 +131,7 @@ class TextEmbeddingSynthesizer(nn.Module):
         x = x + clip.positional_embedding[:length].to(x.dtype)
         x = clip.transformer(x, attn_mask=clip.attn_mask[:length, :length])
         x = clip.ln_final(x)
-        return _text_project(clip, x[torch.arange(batch, device=x.device), eot_pos])
+        return text_project(clip, x[torch.arange(batch, device=x.device), eot_pos])
 
     def _pack_kept_words(self, words: Tensor, keep_mask: Tensor, eot: Tensor,
                          pad: Tensor) -> tuple[Tensor, Tensor]:
@@ -417,23 +157,6 @@ class TextEmbeddingSynthesizer(nn.Module):
                              torch.where(slot == n_kept, n_words, n_words + 1))   # [B, n+1]
         body = pool.gather(1, source.unsqueeze(-1).expand(-1, -1, width))
         return body, n_kept.squeeze(1) + 1
-
-
-@torch.no_grad()
-def class_text_embeddings(clip_model: open_clip.CLIP, tokenizer,
-                          class_names: Sequence[str], template: str = "a photo of a {}",
-                          batch_size: int = 256) -> Tensor:
-    """L2-normalised CLIP text embeddings of ``template.format(name)``: float32 [K, embed_dim],
-    on CLIP's device, in the order of ``class_names``."""
-    if "{}" not in template:
-        raise ValueError(f"the prompt template needs a '{{}}' for the class name; got {template!r}")
-    if not class_names:
-        raise ValueError("class_names is empty")
-    device = _device_of(clip_model)
-    prompts = [template.format(name) for name in class_names]
-    chunks = [clip_model.encode_text(tokenizer(prompts[i:i + batch_size]).to(device)).float()
-              for i in range(0, len(prompts), batch_size)]
-    return F.normalize(torch.cat(chunks), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,25 +293,20 @@ class _PartlyTrainable(nn.Module):
         return [(group, trainable, total) for group, (trainable, total) in rows.items()]
 
 
-def _check_tes_clip(clip_model: nn.Module, tes: TextEmbeddingSynthesizer) -> None:
-    if tes.clip is not clip_model:
-        raise ValueError("the TES must be built on the same CLIP model as the stage model")
-
-
 class TESStage(_PartlyTrainable):
-    """Stage 1 (GET_SPEC §3): frozen CLIP image embedding f and the TES output t; only the TES
-    projector trains. One frozen image-encoder pass gives both f and the TES input."""
+    """Stage 1 (docs/method.md): frozen CLIP image embedding f and the TES output t; only the
+    TES projector trains. One frozen image-encoder pass gives both f and the TES input."""
 
     def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
                  amp: bool = False):
         """
         Args:
-            clip_model: the frozen CLIP from ``load_clip``.
-            tes: a TES built on ``clip_model``; its projector trains.
+            clip_model: the frozen CLIP from ``load_clip``; this model owns it.
+            tes: a TES built for ``clip_model``; its projector trains.
             amp: run the image encoder and the TES under bf16 autocast (``clip_autocast``).
         """
         super().__init__()
-        _check_tes_clip(clip_model, tes)
+        tes.check_fits(clip_model)
         self.clip, self.tes, self.amp = clip_model, tes, amp
         self.set_trainable()
         self.train()
@@ -602,12 +320,12 @@ class TESStage(_PartlyTrainable):
         with clip_autocast(images.device.type, self.amp):
             with torch.no_grad():
                 f = self.clip.encode_image(images)
-            t = self.tes(f, keep_mask)
+            t = self.tes(self.clip, f, keep_mask)
         return f.float(), t.float()
 
 
 class GETModel(_PartlyTrainable):
-    """Stage 2 (GET_SPEC §4): visual branch (CLIP ViT, blocks >= g train) and text branch
+    """Stage 2 (docs/method.md): visual branch (CLIP ViT, blocks >= g train) and text branch
     (frozen TES on the frozen CLIP image embedding, then a trainable ``text_map``), each
     followed by a DINO head (one shared head by default).
 
@@ -622,8 +340,9 @@ class GETModel(_PartlyTrainable):
                  head: HeadConfig = HeadConfig(), amp: bool = False):
         """
         Args:
-            clip_model: the frozen CLIP from ``load_clip``; its blocks >= g become trainable.
-            tes: the stage-1 TES on ``clip_model`` (always in eval mode here).
+            clip_model: the frozen CLIP from ``load_clip``; this model owns it, and its blocks
+                >= g become trainable.
+            tes: the stage-1 TES built for ``clip_model`` (always in eval mode here).
             num_classes: K, the number of clusters.
             grad_from_block: g in [0, depth]; 0 trains every block, depth none.
             use_projection: keep CLIP's visual projection in the visual branch (ImageNet-1K).
@@ -631,7 +350,7 @@ class GETModel(_PartlyTrainable):
             amp: run the CLIP encoders under bf16 autocast (``clip_autocast``).
         """
         super().__init__()
-        _check_tes_clip(clip_model, tes)
+        tes.check_fits(clip_model)
         visual = clip_model.visual
         depth = len(visual.transformer.resblocks)
         if not 0 <= grad_from_block <= depth:
@@ -646,7 +365,7 @@ class GETModel(_PartlyTrainable):
         dims = dict(hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim)
         self.head = DINOHead(self.feat_dim, num_classes, **dims)
         self.text_head = None if head.shared else DINOHead(self.feat_dim, num_classes, **dims)
-        self.to(_device_of(clip_model))
+        self.to(device_of(clip_model))
         self.set_trainable()
         self.train()
 
@@ -668,13 +387,13 @@ class GETModel(_PartlyTrainable):
         Returns:
             tokens [N, L, width] after the frozen blocks [0, g); tes_out [N, embed_dim], the
             TES output on the frozen CLIP image embedding. For the same images they never
-            change while stage 2 trains, so evaluation computes them once (engine.EvalCache).
+            change while stage 2 trains, so evaluation computes them once (evaluation.cache.EvalCache).
         """
         visual = self.clip.visual
         with torch.no_grad(), clip_autocast(images.device.type, self.amp):
             tokens = visual_trunk(visual, images, self.grad_from_block)
             clip_emb = visual_project(visual, visual_tail(self.frozen_tail, visual.ln_post, tokens))
-            return tokens, self.tes(clip_emb)
+            return tokens, self.tes(self.clip, clip_emb)
 
     def encode_from(self, tokens: Tensor, tes_out: Tensor) -> tuple[Tensor, Tensor]:
         """The trainable blocks, ln_post (and the visual projection with ``use_projection``) on
@@ -731,41 +450,39 @@ def fuse(out: dict[str, Tensor], fuse_temperature: float) -> dict[str, Tensor]:
     return {"v_logits": out["v_logits"], "t_logits": out["t_logits"], "fused_probs": fused}
 
 
-def build_clip(args) -> open_clip.CLIP:
-    """The frozen CLIP of the flags (--clip_model, --pretrained, --device, --clip_cache_dir)."""
-    # Seeded first, a randomly initialised CLIP is identical in every process, in a resumed run
-    # and in predict.py; pretrained weights are loaded, not drawn.
-    seed_everything(args.seed, "clip")
-    return load_clip(args.clip_model, args.pretrained, device=args.device, cache_dir=args.clip_cache_dir)
+@dataclass(frozen=True)
+class GETConfig:
+    """The stage-2 architecture: everything needed to rebuild ``GETModel`` besides CLIP. Every
+    stage-2 checkpoint carries it (``meta()``, keyed by the flags' names), so --stage eval and
+    predict.py rebuild a model from its checkpoint, whatever their own flags say."""
+    num_classes: int
+    n_words: int = 7
+    grad_from_block: int = 11
+    use_projection: bool = False
+    head: HeadConfig = HeadConfig()
+
+    @classmethod
+    def from_flags(cls, args, num_classes: int) -> GETConfig:
+        """The architecture the flags ask for, with K = ``num_classes``."""
+        head = HeadConfig(args.shared_head, args.head_hidden_dim, args.head_bottleneck_dim)
+        return cls(num_classes, args.n_words, args.grad_from_block, args.use_projection, head)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping) -> GETConfig:
+        head = HeadConfig(meta["shared_head"], meta["head_hidden_dim"], meta["head_bottleneck_dim"])
+        return cls(meta["num_classes"], meta["n_words"], meta["grad_from_block"], meta["use_projection"], head)
+
+    def meta(self) -> dict:
+        """The architecture as a checkpoint's meta records it."""
+        fields = {k: v for k, v in asdict(self).items() if k != "head"}
+        return {**fields, "shared_head": self.head.shared, "head_hidden_dim": self.head.hidden_dim,
+                "head_bottleneck_dim": self.head.bottleneck_dim}
 
 
-def build_get_model(clip_model: open_clip.CLIP, tes_projector: dict, meta: Mapping,
+def build_get_model(clip_model: open_clip.CLIP, tes_projector: dict, config: GETConfig,
                     amp: bool = False) -> GETModel:
-    """The stage-2 model on ``clip_model`` with a trained TES projector, as ``meta`` (that of a
-    stage-2 checkpoint) describes it: ``num_classes``, ``n_words`` and the architecture flags
-    (``params.ARCHITECTURE_FLAGS``)."""
-    tes = TextEmbeddingSynthesizer(clip_model, n_words=meta["n_words"])
+    """The stage-2 model of ``config`` on ``clip_model``, with a trained TES projector."""
+    tes = TextEmbeddingSynthesizer(clip_model, n_words=config.n_words)
     tes.projector.load_state_dict(tes_projector)
-    head = HeadConfig(meta["shared_head"], meta["head_hidden_dim"], meta["head_bottleneck_dim"])
-    return GETModel(clip_model, tes, meta["num_classes"], meta["grad_from_block"], meta["use_projection"],
-                    head, amp=amp)
-
-
-def get_model_from_checkpoint(clip_model: open_clip.CLIP, ckpt: dict, path: str, amp: bool = False) -> GETModel:
-    """The stage-2 model of ``ckpt`` (read from ``path``, see ``load_stage2_checkpoint``) with
-    its trained weights."""
-    model = build_get_model(clip_model, ckpt["tes_projector"], ckpt["meta"], amp)
-    try:
-        model.load_trainable_state_dict(ckpt["model"])
-    except ValueError as err:
-        raise CheckpointError(f"{path}: {err}") from err
-    return model
-
-
-def format_parameter_summary(rows: list[tuple[str, int, int]]) -> str:
-    """A small table of ``parameter_summary()`` rows with a total line."""
-    lines = [f"{name:<40s} trainable {trainable:>12,d} / {total:>12,d}"
-             for name, trainable, total in rows]
-    trainable, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    lines.append(f"{'total':<40s} trainable {trainable:>12,d} / {total:>12,d}")
-    return "\n".join(lines)
+    return GETModel(clip_model, tes, config.num_classes, config.grad_from_block, config.use_projection,
+                    config.head, amp=amp)

@@ -14,16 +14,11 @@ import sys
 import torch
 
 import config
-from model import vision_depth
 from util.dist import launched_world_size
+from vocabulary import parse_metric_key
 
-HEADS = ("visual", "text", "fused")
-SPLITS = ("train_unlabelled", "test")
-# Mean-entropy weight of the paper per dataset (GET_SPEC §4); 1 elsewhere.
+# Mean-entropy weight of the paper per dataset (docs/method.md, "Stage 2"); 1 elsewhere.
 MEMAX_WEIGHT = {"cifar100": 4.0, "cub": 2.0}
-# Flags that shape the stage-2 model: stored in its checkpoints, adopted by --stage eval.
-ARCHITECTURE_FLAGS = ("grad_from_block", "use_projection", "shared_head", "head_hidden_dim",
-                      "head_bottleneck_dim")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -183,12 +178,27 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.memax_weight = MEMAX_WEIGHT.get(args.dataset_name, 1.0)
     if args.use_projection is None:
         args.use_projection = args.dataset_name == "imagenet_1k"
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     if args.amp is None:
         args.amp = args.device.startswith("cuda")
     if args.progress is None:
         args.progress = sys.stderr.isatty()
+
+
+def resolve_device(device: str) -> str:
+    """--device with 'auto' resolved: CUDA when there is a GPU, else the CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def device_problem(device: str) -> str | None:
+    """What is wrong with a resolved --device, if anything."""
+    if not (device == "cpu" or device.startswith("cuda")):
+        return "--device must be auto, cpu or cuda[:N]"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {device} asked for, but CUDA is not available; use --device cpu"
+    return None
 
 
 def find_problem(args: argparse.Namespace) -> str | None:
@@ -213,13 +223,11 @@ def find_problem(args: argparse.Namespace) -> str | None:
          f"--image_cache {args.image_cache} is a file; give it a folder"),
         (args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
          "--max_steps_per_epoch must be >= 1"),
-        (args.device == "cpu" or args.device.startswith("cuda"), "--device must be auto, cpu or cuda[:N]"),
-        (not args.device.startswith("cuda") or torch.cuda.is_available(),
-         f"--device {args.device} asked for, but CUDA is not available; use --device cpu"),
+        (device_problem(args.device) is None, device_problem(args.device)),
         ("{}" in args.prompt_template, "--prompt_template needs a '{}' for the class name"),
         ((args.stage == "eval") == bool(args.eval_checkpoint),
          "--stage eval and --eval_checkpoint PATH go together"),
-        (valid_metric_name(args.best_metric),
+        (parse_metric_key(args.best_metric) is not None,
          "--best_metric must look like train_unlabelled/fused/all "
          "(split: train_unlabelled|test, head: visual|text|fused, all|old|new)"),
     ]
@@ -227,14 +235,9 @@ def find_problem(args: argparse.Namespace) -> str | None:
     return problem or grad_from_block_problem(args)
 
 
-def valid_metric_name(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 3 and parts[0] in SPLITS and parts[1] in HEADS and parts[2] in ("all", "old", "new")
-
-
 def grad_from_block_problem(args: argparse.Namespace) -> str | None:
     try:
-        depth = vision_depth(args.clip_model)
+        depth = config.vision_depth(args.clip_model)
     except ValueError as err:
         return str(err)
     if not 0 <= args.grad_from_block <= depth:

@@ -31,22 +31,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from backbone import build_clip, class_text_embeddings, get_tokenizer
+from config import vision_image_size
 from data.augmentations import get_transforms
-from data.data_utils import load_image
-from data.get_datasets import get_class_names, get_class_splits, get_datasets
-from model import (GETModel, build_clip, class_text_embeddings, get_model_from_checkpoint, get_tokenizer,
-                   vision_image_size)
-from params import HEADS
-from train import USER_ERRORS as RUN_ERRORS
-from util.checkpoint import CheckpointError, load_stage2_checkpoint
-from util.cluster_and_log_utils import cluster_to_class
+from data.data_utils import NO_LABEL, load_image
+from data.get_datasets import get_datasets
+from data.task import Task, task_from_args
+from errors import USER_ERRORS, CheckpointError, InputError
+from evaluation.accuracy import cluster_to_class
+from evaluation.predict import by_head, frozen_batches, gather_outputs, head_clusters
+from model import GETModel
+from params import device_problem, resolve_device
+from runs.checkpoints import load_stage2_checkpoint, model_from_checkpoint
+from util.dist import DistInfo
 from util.logging_utils import get_logger, setup_logging
-
-
-class InputError(ValueError):
-    """A flag's value that cannot be used; the message names the flag."""
+from vocabulary import HEADS
 
 
 # File types read as images (lower case); anything else under --images is ignored.
@@ -91,8 +91,8 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(load_image(self.paths[index], "predict.py --images")), index
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        return self.transform(load_image(self.paths[index], "predict.py --images")), NO_LABEL, index
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> Path:
     opts = get_args_parser().parse_args(argv)
     setup_logging(None)
     log = get_logger()
-    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} asked for, but CUDA is not available; use --device cpu")
+    device = resolve_device(opts.device)
+    if device_problem(device):
+        raise InputError(device_problem(device))
     progress = sys.stderr.isatty() if opts.progress is None else opts.progress
     # Every input is checked before the model is built.
     image_root, paths = find_images(opts.images)
@@ -111,15 +111,16 @@ def main(argv: list[str] | None = None) -> Path:
         raise InputError(f"--prompt_template {opts.prompt_template!r} needs a '{{}}' for the name")
     ckpt = read_stage2_checkpoint(opts.checkpoint)
     args = run_args(ckpt, opts, device)
-    num_classes, class_names = ckpt["meta"]["num_classes"], get_class_names(args)
+    task = run_task(args, ckpt, opts.checkpoint)
+    num_classes, class_names = task.num_classes, task.class_names
     _, test_tf = get_transforms(image_size=vision_image_size(args.clip_model), normalization=args.normalization)
-    labelled = get_datasets(args.dataset_name, test_tf, test_tf, args)[3]["train_labelled"]
+    labelled = get_datasets(task.dataset_name, test_tf, test_tf, task)[3]["train_labelled"]
     loader_opts = dict(batch_size=opts.batch_size, num_workers=opts.num_workers,
                        pin_memory=device.startswith("cuda"))
 
-    model = get_model_from_checkpoint(build_clip(args), ckpt, opts.checkpoint, args.amp).eval()
-    log.info("matching clusters to the %d old classes on %d labelled images of %s", args.num_labeled_classes,
-             len(labelled), args.dataset_name)
+    model = model_from_checkpoint(build_clip(args, device), ckpt, opts.checkpoint, args.amp).eval()
+    log.info("matching clusters to the %d old classes on %d labelled images of %s", task.num_labeled_classes,
+             len(labelled), task.dataset_name)
     on_labelled = predict_clusters(model, DataLoader(labelled, **loader_opts), device, progress, "labelled")
     matches = {head: match_old_classes(on_labelled[head], on_labelled["target"]) for head in HEADS}
     names = {head: cluster_names(matches[head], class_names, num_classes) for head in HEADS}
@@ -178,43 +179,38 @@ def read_stage2_checkpoint(path: str) -> dict:
 
 
 def run_args(ckpt: dict, opts: Namespace, device: str) -> Namespace:
-    """The run's flags, with this script's overrides, and its class split checked against the
-    checkpoint's."""
-    args = Namespace(**ckpt["args"])
-    for key in ("pretrained", "clip_cache_dir", "data_root"):
-        if getattr(opts, key) is not None:
-            setattr(args, key, getattr(opts, key))
-    args.device = device
-    args.amp = device.startswith("cuda") if opts.amp is None else opts.amp
-    args.download = False
-    get_class_splits(args)
+    """The run's flags, with this script's overrides."""
+    overrides = {key: getattr(opts, key) for key in ("pretrained", "clip_cache_dir", "data_root")
+                 if getattr(opts, key) is not None}
+    amp = device.startswith("cuda") if opts.amp is None else opts.amp
+    return Namespace(**{**ckpt["args"], **overrides, "device": device, "amp": amp, "download": False})
+
+
+def run_task(args: Namespace, ckpt: dict, path: str) -> Task:
+    """The run's task, with the checkpoint's K, checked against the checkpoint's split."""
+    task = task_from_args(args)
     meta = ckpt["meta"]
-    found = (args.num_labeled_classes, args.num_labeled_classes + args.num_unlabeled_classes)
-    if found != (meta["num_old"], meta["num_classes"]):
-        raise CheckpointError(f"--checkpoint {opts.checkpoint} has {meta['num_old']} old of {meta['num_classes']} "
-                              f"classes, but {args.dataset_name}'s split here has {found[0]} of {found[1]}")
-    return args
+    if task.num_labeled_classes != meta["num_old"] or (not task.k_pending and task.num_classes != meta["num_classes"]):
+        raise CheckpointError(f"--checkpoint {path} has {meta['num_old']} old of {meta['num_classes']} classes, "
+                              f"but {task.dataset_name}'s split here has {task.num_labeled_classes} of "
+                              f"{task.num_classes}")
+    return task.with_k(meta["num_classes"], "checkpoint")
 
 
 @torch.no_grad()
 def predict_clusters(model: GETModel, loader: DataLoader, device: str, progress: bool, desc: str,
                      with_tes: bool = False) -> dict[str, np.ndarray]:
-    """Cluster ids per head ('visual', 'text', 'fused': int [N]), 'fused_prob' [N], the second
-    item of each sample as 'target' [N] (labels, or positions) and with ``with_tes`` the TES
+    """Cluster ids per head ('visual', 'text', 'fused': int [N]), 'fused_prob' [N], 'target'
+    [N] (labels, or NO_LABEL) in the order of the dataset, and with ``with_tes`` the TES
     outputs 'tes' float32 [N, embed_dim]."""
-    parts: dict[str, list] = {key: [] for key in (*HEADS, "fused_prob", "target", "tes")}
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        tokens, tes_out = model.frozen_part(batch[0].to(device))  # the frozen CLIP, once
-        out = model.predict_from(tokens, tes_out)
-        prob, fused = out["fused_probs"].max(dim=1)
-        parts["visual"].append(out["v_logits"].argmax(1).cpu())
-        parts["text"].append(out["t_logits"].argmax(1).cpu())
-        parts["fused"].append(fused.cpu())
-        parts["fused_prob"].append(prob.cpu())
-        parts["target"].append(torch.as_tensor(batch[1]))
-        if with_tes:
-            parts["tes"].append(tes_out.float().cpu())
-    return {key: torch.cat(value).numpy() for key, value in parts.items() if value}
+    def compute(frozen: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        out = model.predict_from(*frozen)  # the frozen CLIP ran once, in frozen_batches
+        extra = {"tes": frozen[1].float()} if with_tes else {}
+        return {"clusters": head_clusters(out), "fused_prob": out["fused_probs"].max(dim=1).values, **extra}
+
+    batches = frozen_batches(model, loader, torch.device(device))
+    gathered = by_head(gather_outputs(batches, compute, DistInfo(), total=len(loader), progress=progress, desc=desc))
+    return {key: value.numpy() for key, value in gathered.items()}
 
 
 def match_old_classes(clusters: np.ndarray, labels: np.ndarray) -> dict[int, int]:
@@ -275,9 +271,6 @@ def cluster_summary(clusters: np.ndarray, names: dict[int, str], matches: dict[i
                      + (f"  (similarity {similarity[c]:.3f})" if c in similarity else "")
                      for c, n in zip(ids.tolist(), counts.tolist()))
 
-
-# Errors of input the user can fix: the message says how, so it is printed without a traceback.
-USER_ERRORS = (*RUN_ERRORS, InputError)
 
 if __name__ == "__main__":
     try:

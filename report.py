@@ -25,11 +25,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from params import HEADS, SPLITS
-from util.resume import CHANGEABLE_ON_RESUME
+from errors import USER_ERRORS, InputError
+from runs.resume import CHANGEABLE_ON_RESUME
+from vocabulary import GROUPS, HEADS, SPLITS, metric_key, parse_metric_key
 
 PUBLISHED = Path(__file__).resolve().parent / "docs" / "published_results.csv"
-GROUPS = ("all", "old", "new")
 # Flags that may differ between the runs of one experiment without making them different
 # experiments: the seed, and where / how each ran.
 PER_RUN_FLAGS = frozenset({"seed", *CHANGEABLE_ON_RESUME})
@@ -50,10 +50,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=False,
                    help="also draw All/Old/New per head over epochs (needs matplotlib)")
     return p
-
-
-class ReportError(ValueError):
-    """An input file that cannot be used; the message names it."""
 
 
 @dataclass
@@ -84,7 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Write the report; returns its CSV rows."""
     opts = get_args_parser().parse_args(argv)
     finished, unfinished = find_runs(opts.paths)
-    runs = [run for run in finished if f"{opts.split}/fused/all" in run.final]
+    runs = [run for run in finished if metric_key(opts.split, "fused", "all") in run.final]
     if not runs:
         raise FileNotFoundError(f"no finished run with {opts.split} metrics (final_metrics.json) under "
                                 + ", ".join(opts.paths) + f"; {unfinished} run folder(s) without one")
@@ -140,7 +136,7 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ReportError(f"{path} is not valid JSON ({err}); repair or move that run folder") from err
+        raise InputError(f"{path} is not valid JSON ({err}); repair or move that run folder") from err
 
 
 def group_runs(runs: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
@@ -159,7 +155,7 @@ def read_published(path: str) -> dict[str, tuple[float, str]]:
     with open(file, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not {"dataset", "all", "source"} <= set(reader.fieldnames or ()):
-            raise ReportError(f"--published {path} needs the columns dataset, all, source")
+            raise InputError(f"--published {path} needs the columns dataset, all, source")
         published = {}
         for line, row in enumerate(reader, start=2):
             if not (row["dataset"] or "").strip() or not (row["all"] or "").strip():
@@ -167,7 +163,7 @@ def read_published(path: str) -> dict[str, tuple[float, str]]:
             try:
                 published[row["dataset"].strip()] = (float(row["all"]), (row["source"] or "").strip())
             except ValueError as err:
-                raise ReportError(f"--published {path}, line {line}: 'all' must be a number in %, "
+                raise InputError(f"--published {path}, line {line}: 'all' must be a number in %, "
                                   f"got {row['all']!r}") from err
         return published
 
@@ -186,7 +182,7 @@ def summarise(runs: list[RunRecord], dataset: str, experiment: str, split: str,
                "seeds": " ".join(str(s) for s in sorted(run.seed for run in runs))}
         for group in GROUPS:
             row[f"{group}_mean"], row[f"{group}_std"] = mean_std(
-                [100 * run.final[f"{split}/{head}/{group}"] for run in runs])
+                [100 * run.final[metric_key(split, head, group)] for run in runs])
         row["published_all"], row["published_source"] = published if published else (math.nan, "")
         rows.append(row)
     return rows
@@ -261,7 +257,7 @@ def read_curves(run: RunRecord) -> dict[str, dict[int, float]]:
         if record.get("stage") != "get":
             continue
         for key, value in record.get("eval", {}).items():
-            if key.count("/") == 2:
+            if parse_metric_key(key):
                 curves.setdefault(key, {})[record["epoch"] + 1] = 100 * value
     return curves
 
@@ -273,7 +269,7 @@ def plot_group(runs: list[RunRecord], dataset: str, experiment: str, folder: Pat
     try:
         import matplotlib
     except ImportError as err:
-        raise ReportError("--plots needs matplotlib: pip install matplotlib") from err
+        raise InputError("--plots needs matplotlib: pip install matplotlib") from err
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -288,7 +284,7 @@ def plot_group(runs: list[RunRecord], dataset: str, experiment: str, folder: Pat
         for col, head in enumerate(HEADS):
             ax = axes[row][col]
             for group, colour in zip(GROUPS, ("black", "tab:blue", "tab:orange")):
-                per_run = [c.get(f"{split}/{head}/{group}", {}) for c in curves]
+                per_run = [c.get(metric_key(split, head, group), {}) for c in curves]
                 epochs = sorted({e for c in per_run for e in c})
                 stats = [mean_std([c[e] for c in per_run if e in c]) for e in epochs]
                 mean = [m for m, _ in stats]
@@ -317,5 +313,5 @@ def plot_group(runs: list[RunRecord], dataset: str, experiment: str, folder: Pat
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ReportError) as err:
+    except USER_ERRORS as err:
         sys.exit(f"error: {err}")

@@ -6,171 +6,273 @@ dual-branch GCD model), with evaluation, TensorBoard, checkpoints and resume.
     python train.py --dataset_name cub --resume auto    # pick up the latest run of --exp_name
     torchrun --nproc_per_node 4 train.py --dataset_name imagenet_1k
 
-Flags: params.py. The epoch loop, evaluation, checkpoints: engine.py. Models: model.py. Losses:
-methods/. Everything a run writes goes to ``<exp_root>/<dataset>/<exp_name>-<timestamp>/``.
+How it reads: ``main`` checks every input and opens the run; ``stage1`` and ``stage2`` each
+build a ``Stage`` (the model, the step of methods/tes.py or methods/get.py, the optimiser) and
+hand it to ``fit``, the epoch loop: ``engine.train_one_epoch``, the evaluation (evaluation/),
+the epoch's log (runs/results.py) and the checkpoints (runs/checkpoints.py). The flags are in
+params.py, the task (dataset, split, K, class names) in data/task.py, the models in model.py.
+Everything a run writes goes to ``<exp_root>/<dataset>/<exp_name>-<timestamp>/``.
 """
 from __future__ import annotations
 
+import json
 import sys
+import time
+import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
-from torch import Tensor
+from torch.utils.data import DataLoader
 
-from data.data_utils import ImageLoadError
-from data.get_datasets import get_class_splits
-from data.image_cache import ImageCacheError
+from backbone import build_clip, class_text_embeddings, get_tokenizer
+from config import vision_image_size
 from data.loaders import Loaders, build_loaders
-from engine import (NonFiniteLossError, Stage, checkpoint_meta, epoch_evaluation, evaluate_run, fit,
-                    sgd_cosine)
-from methods.get import get_loss
+from data.task import Task, task_from_args
+from engine import Position, Stage, format_parameter_summary, sgd_cosine, train_one_epoch
+from errors import USER_ERRORS
+from evaluation.cache import EvalCache
+from evaluation.evaluate import Evaluator
+from evaluation.k_estimate import estimate_k, format_estimate
+from methods.get import GETStep
 from methods.simgcd import teacher_temperature
-from methods.tes import tes_loss
-from model import (TESStage, TextEmbeddingSynthesizer, build_clip, build_get_model, class_text_embeddings,
-                   get_model_from_checkpoint, get_tokenizer, sample_keep_mask, vision_image_size)
-from params import ARCHITECTURE_FLAGS, flag_names, parse_args
-from util.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_stage2_checkpoint
-from util.dist import DistInfo, barrier, cleanup_distributed, gather_views, init_distributed, local_rows, wrap_ddp
-from util.estimate_k import estimate_for_run, k_from_checkpoint
+from methods.tes import TESStep
+from model import GETConfig, TESStage, TextEmbeddingSynthesizer, build_get_model
+from params import flag_names, parse_args
+from runs.checkpoints import (BEST_FILE, LAST_FILE, TES_FILE, load_stage2_checkpoint, load_tes, model_from_checkpoint,
+                              restore_state, save_state, save_tes, task_meta, tes_projector)
+from runs.resume import Resume, find_resume, resume_path
+from runs.results import log_epoch, record_results
+from runs.run import (CLUSTER_SIZES, CONFIG, EVAL_METRICS, FINAL_METRICS, K_ESTIMATE, SKIPPED_IMAGES, Run,
+                      find_tes_checkpoint, new_run_dir, open_run, tes_checkpoint_path)
+from util.dist import barrier, cleanup_distributed, init_distributed, wrap_ddp
+from util.io import load_checkpoint, save_json
 from util.logging_utils import get_logger, setup_logging
-from util.reporting import report
-from util.resume import Resume, find_resume
-from util.rng import derive_seed, seed_everything
-from util.runs import Run, RunLockedError, find_tes_checkpoint, new_run_dir, open_run
+from util.rng import seed_everything
+from vocabulary import STAGE1, STAGE2
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the stages that ``--stage`` asks for; returns the final stage-2 metrics ({} if none)."""
     args = parse_args(argv)
     info = init_distributed(args.device)
-    args.device = info.device(args.device)
     setup_logging(None, info.is_main)
     try:
         # Every input is checked, the dataset first, before the run folder is made or touched.
-        get_class_splits(args)
-        k_from_checkpoint(args)  # K to estimate (--num_classes auto), but a checkpoint to continue: its K
-        resume = find_resume(args, checkpoint_meta(args), flag_names())
+        task = k_from_checkpoint(task_from_args(args), args)
+        resume = find_resume(args, task_meta(task, args.clip_model, args.n_words), flag_names())
         run_dir = resume.run_dir if resume else new_run_dir(args, info)
-        data = build_loaders(args, vision_image_size(args.clip_model), info, run_dir)
-        clip = build_clip(args)
-        with open_run(args, info, run_dir, resume) as run:
-            estimate_for_run(run, clip)  # K to estimate: from the frozen CLIP, before training
-            return run_stages(run, clip, data, resume)
+        skip_log = run_dir / SKIPPED_IMAGES if args.skip_bad_images else None
+        data = build_loaders(task, args, vision_image_size(args.clip_model), info, skip_log)
+        clip = build_clip(args, info.device(args.device))
+        with open_run(args, info, run_dir, resume, task.record()) as run:
+            task = estimate_k_for_run(task, run, clip)  # K to estimate: from the frozen CLIP, before training
+            return run_stages(run, task, clip, data, resume)
     finally:
         cleanup_distributed()
 
 
-def run_stages(run: Run, clip, data: Loaders, resume: Resume | None) -> dict:
+def run_stages(run: Run, task: Task, clip, data: Loaders, resume: Resume | None) -> dict:
     """Evaluate a checkpoint, or train the stages in turn from where the run is."""
     args = run.args
     if args.stage == "eval":
-        return report(evaluate_checkpoint(run, clip, data), run, f"accuracy of {args.eval_checkpoint}",
-                       "eval_metrics.json")
-    if resume and resume.stage == "get":
-        projector = resume.checkpoint["tes_projector"]
-    elif args.stage == "get":
-        projector = stage1_result(run, find_tes_checkpoint(args, run.dir))
+        return record_results(evaluate_checkpoint(run, task, clip, data), task.ground_truth, run,
+                              f"accuracy of {args.eval_checkpoint}", EVAL_METRICS)
+    if resume and resume.stage == STAGE2:
+        projector = tes_projector(resume.checkpoint)
+    elif args.stage == STAGE2:
+        projector = stage1_result(run, task, find_tes_checkpoint(args, run.dir))
     else:
-        projector = stage1(run, clip, data, resume.checkpoint if resume else None)
-    if projector is None or args.stage == "tes":
+        projector = stage1(run, task, clip, data, resume.checkpoint if resume else None)
+    if projector is None or args.stage == STAGE1:
         return {}
-    metrics = stage2(run, clip, projector, data, resume.checkpoint if resume and resume.stage == "get" else None)
-    return {} if metrics is None else report(metrics, run, "final accuracy", "final_metrics.json")
+    metrics = stage2(run, task, clip, projector, data,
+                     resume.checkpoint if resume and resume.stage == STAGE2 else None)
+    return {} if metrics is None else record_results(metrics, task.ground_truth, run, "final accuracy",
+                                                     FINAL_METRICS)
 
 
-def stage1(run: Run, clip, data: Loaders, checkpoint: dict | None) -> dict | None:
-    """Stage 1 (GET_SPEC §3): train the TES projector, from ``checkpoint`` if resumed; the
-    projector's weights, saved as ``tes.pt`` (None if stopped)."""
-    args, out = run.args, run.dir / "tes.pt"
+def stage1(run: Run, task: Task, clip, data: Loaders, checkpoint: dict | None) -> dict | None:
+    """Stage 1 (docs/method.md): train the TES projector, from ``checkpoint`` if resumed; the
+    projector's weights, saved as tes.pt (None if stopped)."""
+    args, out = run.args, run.dir / TES_FILE
     if out.is_file():
         get_logger().info("stage 1 already finished in this run: using %s", out)
-        return stage1_result(run, out)
-    seed_everything(args.seed, "tes")  # the projector's initial weights
-    model = TESStage(clip, TextEmbeddingSynthesizer(clip, args.n_words), amp=args.amp)
-    net = wrap_ddp(model.to(run.device), run.info)
-    old_names = data.class_names[:args.num_labeled_classes]
+        return stage1_result(run, task, out)
+    seed_everything(args.seed, STAGE1)  # the projector's initial weights
+    model = TESStage(clip, TextEmbeddingSynthesizer(clip, args.n_words), amp=args.amp).to(run.device)
+    old_names = task.class_names[:task.num_labeled_classes]
     class_text = class_text_embeddings(clip, get_tokenizer(args.clip_model), old_names, args.prompt_template)
-    logit_scale = float(clip.logit_scale.exp())
-
-    def loss_fn(images, labels, labelled, epoch, step):
-        f, t = net(images, word_drop_mask(args, run.info, epoch, step, len(images)))
-        b = gather_views({"f": f, "t": t, "labels": labels, "labelled": labelled}, run.info)
-        return tes_loss(b["f"], b["t"], logit_scale, b["labels"], b["labelled"], class_text)
-
-    optim = sgd_cosine(model.trainable_parameters(), args.tes_lr, args.tes_epochs, args)
-    stage = Stage("tes", model, loss_fn, *optim, args.tes_epochs, checkpoint_meta(args))
-    if fit(stage, data.train, run, checkpoint) is None:
+    step = TESStep(wrap_ddp(model, run.info), class_text, float(clip.logit_scale.exp()), run.info,
+                   args.seed, args.word_drop, args.n_words)
+    optimizer = sgd_cosine(model.trainable_parameters(), args.tes_lr, args.tes_epochs, args.momentum, args.weight_decay)
+    stage = Stage(STAGE1, model, step, *optimizer, args.tes_epochs, task_meta(task, args.clip_model, args.n_words),
+                  run.dir / LAST_FILE[STAGE1])
+    if fit(stage, data.train, run, checkpoint).stopped:
         return None
     if run.info.is_main:
-        atomic_save({"meta": stage.meta, "projector": model.tes.projector.state_dict()}, out)
+        save_tes(stage.meta, model.tes.projector.state_dict(), out)
     get_logger().info("stage 1 done: TES saved to %s", out)
     barrier()
     return model.tes.projector.state_dict()
 
 
-def word_drop_mask(args, info: DistInfo, epoch: int, step: int, rows: int) -> Tensor | None:
-    """Stage 1's word dropout (--word_drop) for this process's ``rows`` of a step: drawn for
-    the whole global batch from the step's own seed, so that neither the number of processes
-    nor a resume changes it."""
-    if not args.word_drop:
-        return None
-    generator = torch.Generator().manual_seed(derive_seed(args.seed, "tes", epoch, step, "word_drop"))
-    keep = sample_keep_mask(rows * info.world_size, args.n_words, args.word_drop, generator)
-    return local_rows(keep, info)  # on the CPU; the TES moves it
-
-
-def stage1_result(run: Run, path: Path) -> dict:
+def stage1_result(run: Run, task: Task, path: Path) -> dict:
     """The projector of a stage-1 checkpoint; the run folder keeps a copy for any resume."""
-    tes_ckpt = load_checkpoint(path, expect=checkpoint_meta(run.args))
+    meta = task_meta(task, run.args.clip_model, run.args.n_words)
+    projector = tes_projector(load_tes(path, expect=meta))
     get_logger().info("stage 2: TES from %s", path)
-    if run.info.is_main and path.resolve() != (run.dir / "tes.pt").resolve():
-        atomic_save(tes_ckpt, run.dir / "tes.pt")
-    return tes_ckpt["projector"]
+    if run.info.is_main and path.resolve() != (run.dir / TES_FILE).resolve():
+        save_tes(meta, projector, run.dir / TES_FILE)
+    return projector
 
 
-def stage2(run: Run, clip, projector: dict, data: Loaders, checkpoint: dict | None) -> dict | None:
-    """Stage 2 (GET_SPEC §4): train the dual-branch model, from ``checkpoint`` if resumed;
+def stage2(run: Run, task: Task, clip, projector: dict, data: Loaders, checkpoint: dict | None) -> dict | None:
+    """Stage 2 (docs/method.md): train the dual-branch model, from ``checkpoint`` if resumed;
     its final metrics (None if stopped)."""
     args = run.args
     # Stage 2 starts from the same random state whatever happened after stage 1 (a kill
     # before its first checkpoint, a separate --stage get run).
-    seed_everything(args.seed, "get")
-    meta = {**checkpoint_meta(args), **{key: getattr(args, key) for key in ARCHITECTURE_FLAGS}}
-    model = build_get_model(clip, projector, meta, args.amp)
+    seed_everything(args.seed, STAGE2)
+    config = GETConfig.from_flags(args, task.num_classes)
+    model = build_get_model(clip, projector, config, args.amp)
     net = wrap_ddp(torch.compile(model) if args.compile else model, run.info)
     teacher_temp = partial(teacher_temperature, warmup_temp=args.warmup_teacher_temp,
                            final_temp=args.teacher_temp, warmup_epochs=args.warmup_teacher_temp_epochs)
-
-    def loss_fn(images, labels, labelled, epoch, step):
-        b = gather_views({**net(images), "labels": labels, "labelled": labelled}, run.info)
-        return get_loss(b, b["labels"], b["labelled"], teacher_temp(epoch), sup_weight=args.sup_weight,
-                        memax_weight=args.memax_weight, cico_weight=args.cico_weight)
-
-    optim = sgd_cosine(model.trainable_parameters(), args.lr, args.epochs, args)
-    stage = Stage("get", model, loss_fn, *optim, args.epochs, meta,
-                  extra={"tes_projector": model.tes.projector.state_dict()},
+    step = GETStep(net, run.info, teacher_temp, args.sup_weight, args.memax_weight, args.cico_weight)
+    optimizer = sgd_cosine(model.trainable_parameters(), args.lr, args.epochs, args.momentum, args.weight_decay)
+    meta = {**task_meta(task, args.clip_model, args.n_words), **config.meta()}
+    stage = Stage(STAGE2, model, step, *optimizer, args.epochs, meta, run.dir / LAST_FILE[STAGE2],
                   schedule=lambda epoch: {"teacher_temp": teacher_temp(epoch)})
-    evaluate_epoch = epoch_evaluation(model, data.eval_splits, run)
-    metrics = fit(stage, data.train, run, checkpoint, evaluate_epoch)
+    evaluate_epoch = stage2_evaluation(model, data, task, run)
+    outcome = fit(stage, data.train, run, checkpoint, evaluate_epoch, task.ground_truth)
+    if outcome.stopped:
+        return None
     # Resumed after the last epoch: nothing left to train, evaluate the finished model.
-    return evaluate_epoch(args.epochs - 1) if metrics == {} else metrics
+    return outcome.metrics or evaluate_epoch(args.epochs - 1)
 
 
-def evaluate_checkpoint(run: Run, clip, data: Loaders) -> dict:
-    """--stage eval: the metrics of a stage-2 checkpoint, whose architecture flags it carries."""
+@dataclass
+class Outcome:
+    stopped: bool   # on request: the state is saved, resume with --resume auto
+    metrics: dict   # the last epoch's evaluation ({} when no epoch was left to train)
+
+
+def fit(stage: Stage, loader: DataLoader, run: Run, checkpoint: dict | None,
+        evaluate_epoch: Callable[[int], dict | None] | None = None, ground_truth: bool = True) -> Outcome:
+    """Train ``stage`` from ``checkpoint`` (or the start); after each epoch: evaluate (every
+    --eval_every epochs and the last), log, checkpoint (``ground_truth``: whether the
+    evaluation has accuracies to select best.pt by)."""
+    log, loop = get_logger(), run.loop()
+    position = restore_state(stage, checkpoint) if checkpoint else Position()
+    log.info("parameters:\n%s", format_parameter_summary(stage.model.parameter_summary()))
+    metrics = {}
+    while position.epoch < stage.epochs:
+        start = time.time()
+        due = (position.epoch + 1) % run.args.eval_every == 0 or position.epoch + 1 == stage.epochs
+        finished = train_one_epoch(stage, loader, position, loop)
+        metrics = evaluate_epoch(position.epoch) if finished and evaluate_epoch and due else {}
+        if not finished or metrics is None:  # a stop request, during training or evaluation
+            if run.info.is_main:
+                save_state(stage, position, run.args, stage.last_checkpoint)
+            log.warning("stopped on request; state saved to %s (resume with --resume auto)", stage.last_checkpoint)
+            return Outcome(stopped=True, metrics={})
+        lr = stage.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # resumed at an epoch's end, no step ran here: the schedule is right
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            stage.scheduler.step()
+        log_epoch(stage, position, {"lr": lr, "seconds": round(time.time() - start, 3), "eval": metrics}, run)
+        position.next_epoch()
+        save_checkpoints(stage, position, metrics, run, ground_truth)
+    return Outcome(stopped=False, metrics=metrics)
+
+
+def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run, ground_truth: bool) -> None:
+    """The stage's full state after an epoch; best.pt too when ``--best_metric`` improved."""
+    # Only evaluated epochs compete (stage 1 has none); without ground truth (folder dataset,
+    # labelled/unlabelled layout) best.pt is the last evaluated epoch.
+    value = None if not metrics else metrics.get(run.args.best_metric) if ground_truth else position.epoch
+    improved = value is not None and value > position.best
+    if improved:
+        position.best = value
+    if run.info.is_main:
+        if improved:
+            save_state(stage, position, run.args, run.dir / BEST_FILE)
+        save_state(stage, position, run.args, stage.last_checkpoint)
+    barrier()
+
+
+def stage2_evaluation(model, data: Loaders, task: Task, run: Run) -> Callable[[int], dict | None]:
+    """Stage 2's evaluation after an epoch: the unlabelled training images, and the test split
+    at the end (or every --test_every epochs, or always when --best_metric reads it). A split
+    evaluated more than once keeps its frozen part cached (--eval_cache_gb each)."""
+    args, budget = run.args, int(run.args.eval_cache_gb * 2**30)
+    test_always = args.best_metric.startswith("test/")
+    repeated = ["train_unlabelled"] + (["test"] if args.test_every or test_always else [])
+    caches = {split: EvalCache(split, budget) for split in repeated} if budget else {}
+    evaluator = run_evaluator(task, run, caches)
+
+    def evaluate_epoch(epoch: int) -> dict | None:
+        test_due = (epoch + 1 == args.epochs or test_always
+                    or bool(args.test_every) and (epoch + 1) % args.test_every == 0)
+        return evaluator(model, {split: loader for split, loader in data.eval_splits.items()
+                                 if split != "test" or test_due})
+
+    return evaluate_epoch
+
+
+def run_evaluator(task: Task, run: Run, caches: dict[str, EvalCache] | None = None) -> Evaluator:
+    return Evaluator(task, run.device, run.info, run.args.eval_func, run.args.progress and run.info.is_main,
+                     stop=run.stop_requested, sizes_file=run.dir / CLUSTER_SIZES, caches=caches)
+
+
+def evaluate_checkpoint(run: Run, task: Task, clip, data: Loaders) -> dict | None:
+    """--stage eval: the metrics of a stage-2 checkpoint, rebuilt from the architecture it records."""
     args = run.args
-    ckpt = load_stage2_checkpoint(args.eval_checkpoint, "--eval_checkpoint", expect=checkpoint_meta(args))
-    for key in ARCHITECTURE_FLAGS:
-        setattr(args, key, ckpt["meta"][key])
-    model = get_model_from_checkpoint(clip, ckpt, args.eval_checkpoint, args.amp)
-    return evaluate_run(model, data.eval_splits, args.num_labeled_classes, run)
+    ckpt = load_stage2_checkpoint(args.eval_checkpoint, "--eval_checkpoint",
+                                  expect=task_meta(task, args.clip_model, args.n_words))
+    model = model_from_checkpoint(clip, ckpt, args.eval_checkpoint, args.amp)
+    return run_evaluator(task, run)(model, data.eval_splits)
 
 
-# Errors raised on purpose for input or state the user can fix: the message says how, so it
-# is printed alone, without a traceback (log.txt has it too once the run folder exists).
-USER_ERRORS = (CheckpointError, FileNotFoundError, ImageCacheError, ImageLoadError, NonFiniteLossError,
-               RunLockedError)
+def k_from_checkpoint(task: Task, args) -> Task:
+    """Where K is to be estimated but the run continues a checkpoint (--resume, --stage eval,
+    --stage get), the checkpoint's K: the same K as before, and no second search."""
+    if not task.k_pending:
+        return task
+    path = resume_path(args) if args.resume else Path(args.eval_checkpoint) if args.stage == "eval" \
+        else tes_checkpoint_path(args) if args.stage == STAGE2 else None
+    if path is None or not path.is_file():  # a missing file is reported where it is read
+        return task
+    num_classes = load_checkpoint(path).get("meta", {}).get("num_classes")
+    if num_classes is None:
+        return task
+    get_logger().info("K = %d, as in %s (estimated there, not again)", num_classes, path)
+    return task.with_k(int(num_classes), "checkpoint")
+
+
+def estimate_k_for_run(task: Task, run: Run, clip) -> Task:
+    """Where K is to be estimated, estimate it before anything trains, and keep the record:
+    k_estimate.json, TensorBoard and config.json. The task with that K."""
+    if not task.k_pending:
+        return task
+    skip_log = run.dir / SKIPPED_IMAGES if run.args.skip_bad_images else None
+    estimate = estimate_k(clip, task, run.args, run.device, run.info, skip_log)
+    task = task.with_k(estimate.k, "estimate")
+    get_logger().info("%s\n    (the accuracy-vs-k curve: %s and TensorBoard k_estimate/labelled_acc)",
+                      format_estimate(estimate, task.num_labeled_classes), run.dir / K_ESTIMATE)
+    if run.info.is_main:
+        save_json(estimate.record(), run.dir / K_ESTIMATE)
+        saved = json.loads((run.dir / CONFIG).read_text())
+        save_json({**saved, "estimated_num_classes": estimate.k, "num_unlabeled_classes": task.num_unlabeled_classes},
+                  run.dir / CONFIG)
+        for k in sorted(estimate.curve):
+            run.logger.log_scalars({"k_estimate/labelled_acc": estimate.curve[k]}, k)
+        run.logger.log_scalars({"k_estimate/k": estimate.k}, 0)
+    return task
+
 
 if __name__ == "__main__":
     try:

@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +66,7 @@ def training_datasets(paths: list[Path], image_size: int, cache_dir: Path) -> tu
     train_tf, _ = get_transforms(image_size=image_size)
     cached = GCDDataset(raw, every, {0: 0}, TwoViews(train_tf))
     start = time.perf_counter()
-    use_image_cache(Namespace(image_cache=str(cache_dir), num_workers=0, progress=False),
-                    {"train": [cached]}, resize_step(image_size), DistInfo())
+    use_image_cache(str(cache_dir), {"train": [cached]}, resize_step(image_size), DistInfo())
     build_s = time.perf_counter() - start
     return {"uncached": GCDDataset(raw, every, {0: 0}, TwoViews(train_tf)), "cached": cached}, build_s
 

@@ -6,7 +6,7 @@ ViT-B/16 architecture (random weights: the weights do not change the work).
     python bench/eval_cache.py --device cuda --images 2048 --batch_size 256 --amp
     python bench/eval_cache.py --json eval_cache.json
 
-Both paths run engine.predict_split on the same loader; the images are in memory, so the
+Both paths run evaluation.predict.predict_split on the same loader; the images are in memory, so the
 uncached figure does not even include JPEG decoding. The ratio's ceiling is the share of the
 evaluation FLOPs in the frozen blocks and the TES (about 15x at grad_from_block 11).
 """
@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.step_time import machine, timed  # noqa: E402
-from engine import predict_split  # noqa: E402
-from model import GETModel, TextEmbeddingSynthesizer, load_clip, vision_image_size  # noqa: E402
-from util.dist import DistInfo, ShardSampler  # noqa: E402
-from util.eval_cache import EvalCache  # noqa: E402
-from util.logging_utils import RunLogger  # noqa: E402
-from util.runs import Run, StopSignal  # noqa: E402
+from backbone import load_clip  # noqa: E402
+from config import vision_image_size  # noqa: E402
+from data.samplers import ShardSampler  # noqa: E402
+from evaluation.cache import EvalCache  # noqa: E402
+from evaluation.predict import predict_split  # noqa: E402
+from model import GETModel, TextEmbeddingSynthesizer  # noqa: E402
+from util.dist import DistInfo  # noqa: E402
 
 
 def get_args() -> argparse.Namespace:
@@ -57,14 +58,12 @@ def main() -> None:
                          torch.arange(args.images))
     loader = DataLoader(data, batch_size=args.batch_size, sampler=ShardSampler(args.images),
                         pin_memory=device.type == "cuda")
-    run = Run(argparse.Namespace(device=args.device, progress=False), DistInfo(), Path("."),
-              RunLogger(Path("."), enabled=False), StopSignal())
-    cache = EvalCache("bench", 2**40)
-    first = timed(lambda: predict_split(net, loader, run, cache), device)  # builds the cache
+    cache, info = EvalCache("bench", 2**40), DistInfo()
+    first = timed(lambda: predict_split(net, loader, device, info, cache), device)  # builds the cache
     times = {"uncached": [], "cached": []}
     for _ in range(args.repeats):  # alternate, so that drifts of the machine hit both alike
-        times["uncached"].append(timed(lambda: predict_split(net, loader, run), device))
-        times["cached"].append(timed(lambda: predict_split(net, loader, run, cache), device))
+        times["uncached"].append(timed(lambda: predict_split(net, loader, device, info), device))
+        times["cached"].append(timed(lambda: predict_split(net, loader, device, info, cache), device))
     uncached, cached = (statistics.median(times[k]) for k in ("uncached", "cached"))
     result = {"machine": machine(device), "args": vars(args), "first_evaluation_s": first,
               "eval_uncached_s": uncached, "eval_cached_s": cached, "speedup": uncached / cached,

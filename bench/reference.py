@@ -18,8 +18,8 @@ from __future__ import annotations
 import open_clip
 from torch import Tensor
 
-from model import (GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer, clip_autocast, frozen_copy,
-                   visual_project, visual_tail, visual_trunk)
+from backbone import clip_autocast, frozen_copy, visual_project, visual_tail, visual_trunk
+from model import GETModel, HeadConfig, TESStage, TextEmbeddingSynthesizer
 
 
 class ReferenceTESStage(TESStage):
@@ -32,11 +32,11 @@ class ReferenceTESStage(TESStage):
         super().__init__(clip_model, tes, amp)
         self.tes_visual = frozen_copy(clip_model.visual)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, keep_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """images [N, 3, H, W] -> (f, t), both float32 [N, embed_dim]."""
         with clip_autocast(images.device.type, self.amp):
             f = self.clip.encode_image(images)
-            t = self.tes(self.tes_visual(images))
+            t = self.tes(self.clip, self.tes_visual(images), keep_mask)
         return f.float(), t.float()
 
 
@@ -46,8 +46,7 @@ class ReferenceGETModel(GETModel):
     pseudo words) and a full image-encoder forward with autograd for the visual branch.
 
     Trainable modules, heads and ``trainable_state_dict`` keys are those of ``GETModel``, so a
-    state dict moves between the two. The TES that encodes through the text copy shares the
-    given TES's projector (the same module, not a copy).
+    state dict moves between the two. The TES encodes through the text copy.
     """
 
     def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
@@ -58,16 +57,12 @@ class ReferenceGETModel(GETModel):
         self.frozen_tail = None  # the shared trunk's copy: the reference has none
         self.image_clip = frozen_copy(clip_model)
         self.text_clip = frozen_copy(clip_model)
-        self.text_tes = TextEmbeddingSynthesizer(self.text_clip, n_words=tes.n_words)
-        self.text_tes.special_ids.copy_(tes.special_ids)
-        self.text_tes.projector = tes.projector
-        self.text_tes.eval()
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """As ``GETModel.encode``: (v_feat [N, feat_dim], tes_out [N, embed_dim])."""
         visual = self.clip.visual
         with clip_autocast(images.device.type, self.amp):
-            tes_out = self.text_tes(self.image_clip.encode_image(images))
+            tes_out = self.tes(self.text_clip, self.image_clip.encode_image(images))
             tokens = visual_trunk(visual, images, 0)
             v_feat = visual_tail(visual.transformer.resblocks, visual.ln_post, tokens)
             if self.use_projection:

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference import ReferenceGETModel, ReferenceTESStage  # noqa: E402
 from methods.get import get_loss  # noqa: E402
 from methods.tes import tes_loss  # noqa: E402
-from model import (GETModel, TESStage, TextEmbeddingSynthesizer, load_clip,  # noqa: E402
-                   vision_depth, vision_image_size)
+from backbone import load_clip  # noqa: E402
+from config import vision_depth, vision_image_size  # noqa: E402
+from model import GETModel, TESStage, TextEmbeddingSynthesizer  # noqa: E402
 
 KINDS = ("stage1", "stage2", "eval")
 # path -> (stage-1 model, stage-2 model)

@@ -1,1 +1,3 @@
-"""Datasets, class splits and transforms for GCD (entry point: data.get_datasets)."""
+"""Datasets, class splits, transforms and loaders for GCD: the task of a run (task), the
+community data API (get_datasets), the training and evaluation samplers (samplers), the
+loaders of a run (loaders), one module per dataset."""

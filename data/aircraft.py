@@ -11,7 +11,7 @@ Class id = index of the variant name among the 100 names sorted as strings,
 which is the reference's ``np.unique`` over the trainval names on the full
 dataset; taking the names from variants.txt keeps the ids fixed for a partial
 copy. Train = 'trainval', test = 'test'; dataset order = file order.
-Split (GET_SPEC.md section 1): old = SSB ``known_classes``, new = SSB Hard +
+Split (docs/method.md, "Data"): old = SSB ``known_classes``, new = SSB Hard +
 Medium + Easy.
 """
 from __future__ import annotations

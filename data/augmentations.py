@@ -1,4 +1,4 @@
-"""Image transforms of GET (GET_SPEC.md section 2).
+"""Image transforms of GET (docs/method.md, "Backbone and transforms").
 
 train: Resize(int(size / crop_pct), bicubic) -> RandomCrop(size) ->
 RandomHorizontalFlip -> ColorJitter() -> ToTensor -> Normalize

@@ -10,7 +10,7 @@ Each batch is a pickle with ``data`` (uint8 [N, 3072], channel-major 32x32)
 and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100); the names come from
 ``label_names`` / ``fine_label_names`` of the meta file as they are
 (torchvision's ``classes``, e.g. ``aquarium_fish``).
-Splits (GET_SPEC.md section 1): CIFAR-10 old = 0-4, CIFAR-100 old = 0-79.
+Splits (docs/method.md, "Data"): CIFAR-10 old = 0-4, CIFAR-100 old = 0-79.
 """
 from __future__ import annotations
 

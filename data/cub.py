@@ -13,7 +13,7 @@ Class id = the 1-based label minus 1 (0..199), the ids of the SSB split list.
 Dataset order = the order of images.txt. Names: the classes.txt name without
 its "NNN." prefix, underscores kept as the reference does
 ("001.Black_footed_Albatross" -> "Black_footed_Albatross"). Split
-(GET_SPEC.md section 1): old = SSB ``known_classes``, new = SSB Hard + Medium
+(docs/method.md, "Data"): old = SSB ``known_classes``, new = SSB Hard + Medium
 + Easy.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@
 - ``RawSplit`` / ``GCDDataset``: a dataset split as read from disk (images and
   ORIGINAL class ids) and a view of some of its samples with REMAPPED targets.
 - ``MergedDataset`` and the weighted sampler used for GCD training batches
-  (GET_SPEC.md section 1).
+  (docs/method.md, "Data").
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import config
+from errors import DatasetNotFoundError, ImageLoadError
 
 SPLITS_DIR = Path(__file__).resolve().parent / "ssb_splits"
 
@@ -31,16 +32,8 @@ SPLITS_DIR = Path(__file__).resolve().parent / "ssb_splits"
 NO_LABEL = -1
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset root is missing, incomplete or not laid out as expected."""
-
-
 # What PIL raises for a missing, corrupt or oversized (decompression bomb) image file.
 IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
-
-
-class ImageLoadError(OSError):
-    """An image file of a dataset is missing or cannot be decoded."""
 
 
 def load_image(path: str | Path, dataset_name: str) -> Image.Image:

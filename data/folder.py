@@ -22,9 +22,9 @@ images of anything::
     DIR/class_names.txt            optional, as above
 
 Nobody knows the new classes, so K comes from ``--num_classes N`` or is estimated
-(util/estimate_k.py), and the unlabelled images cannot be scored: the test split is the
+(evaluation/k_estimate.py), and the unlabelled images cannot be scored: the test split is the
 labelled images (test transform), the only ones whose class is known, and the run describes
-its clusters instead (util/clusters.py).
+its clusters instead (evaluation/clusters.py).
 
 An image is a file whose name ends in one of torchvision's image extensions (.jpg, .png, ...);
 hidden files and folders are skipped. Each layout problem (a missing or empty folder, an

@@ -1,15 +1,13 @@
 """The community data API of GCD codebases (GCD, SimGCD, GET).
 
-Typical use (data/loaders.py)::
+Typical use (data/loaders.py; the task of a run: data/task.py)::
 
-    args.dataset_name = "cub"
-    get_class_splits(args)            # sets train_classes, unlabeled_classes, num_*
+    task = build_task("cub")          # the class split, K and the class names
     train_t, test_t = get_transforms()
     train_set, test_set, unlabelled_eval_set, parts = get_datasets(
-        args.dataset_name, TwoViews(train_t), test_t, args)
-    names = get_class_names(args)     # names[t] for remapped target t
+        task.dataset_name, TwoViews(train_t), test_t, task)
 
-Protocol (GET_SPEC.md section 1): targets are remapped to old classes
+Protocol (docs/method.md, "Data"): targets are remapped to old classes
 0..K_old-1 in split-list order, then the new classes in theirs. The labelled
 set is drawn with the legacy NumPy RNG seeded with 0 over the old-class
 training images in dataset order (``np.random.choice(range(n), int(prop*n),
@@ -31,7 +29,6 @@ are an empty list and K comes from ``--num_classes`` or its estimate.
 """
 from __future__ import annotations
 
-from argparse import Namespace
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +45,7 @@ from data.folder import NAME as FOLDER, folder_source
 from data.herbarium_19 import HERBARIUM_19
 from data.imagenet import IMAGENET_100, IMAGENET_1K
 from data.scars import SCARS
+from errors import InputError
 
 SOURCES: dict[str, DatasetSource] = {
     source.name: source
@@ -55,64 +53,50 @@ SOURCES: dict[str, DatasetSource] = {
 }
 
 
-def get_source(dataset_name: str, args: Namespace) -> DatasetSource:
+def get_source(dataset_name: str, data_root: str | None = None, old_classes: str | None = None) -> DatasetSource:
     """The reader of ``dataset_name``; ValueError listing the valid names otherwise.
 
     The folder dataset has no fixed classes: its reader is made from the folders under its
-    root (``args.data_root``) and ``args.old_classes`` (data/folder.py).
+    root and ``old_classes`` (the --old_classes flag; data/folder.py).
     """
     config.check_dataset_name(dataset_name)
     if dataset_name == FOLDER:
-        return folder_source(_root(dataset_name, args), getattr(args, "old_classes", None))
+        return folder_source(dataset_folder(dataset_name, data_root), old_classes)
     return SOURCES[dataset_name]
 
 
-def get_class_splits(args: Namespace) -> Namespace:
-    """Set the class split of ``args.dataset_name`` on ``args`` and return it.
-
-    Sets ``train_classes`` / ``unlabeled_classes`` (ORIGINAL class ids, in
-    split order), ``num_labeled_classes``, ``num_unlabeled_classes`` (K - K_old: the new
-    clusters, see ``_num_new_clusters``) and ``ground_truth`` (whether the classes of the
-    unlabelled images are known: False for the folder dataset's labelled/unlabelled layout).
-    """
-    return _set_class_splits(args, args.dataset_name)
+def class_split(dataset_name: str, data_root: str | None = None,
+                old_classes: str | None = None) -> tuple[list[int], list[int] | None]:
+    """(old, new): the ORIGINAL class ids of the old and of the new classes, in split order;
+    new is None where the classes of the unlabelled images are unknown (the folder dataset's
+    labelled/unlabelled layout)."""
+    return get_source(dataset_name, data_root, old_classes).class_splits()
 
 
-def _set_class_splits(args: Namespace, dataset_name: str) -> Namespace:
-    """Write the split of ``dataset_name`` onto ``args``."""
-    old, new = get_source(dataset_name, args).class_splits()
-    args.train_classes, args.unlabeled_classes = old, new or []
-    args.ground_truth = new is not None
-    args.num_labeled_classes, args.num_unlabeled_classes = len(old), _num_new_clusters(args, old, new or [])
-    return args
-
-
-def _num_new_clusters(args: Namespace, old: list[int], new: list[int]) -> int:
-    """K - K_old: from ``--num_classes N``, else from the estimate of K once made
-    (``args.estimated_num_classes``, util/estimate_k.py), else the split's new classes (none
-    where they are unknown, until K is estimated)."""
-    wanted = getattr(args, "num_classes", None)
-    k = getattr(args, "estimated_num_classes", None) if wanted in (None, "auto") else int(wanted)
-    if k is None:
-        return len(new)
-    if k < len(old):
-        raise ValueError(f"K = {k} (--num_classes) is fewer than the {len(old)} old classes of "
-                         f"{args.dataset_name}; K counts the old and the new classes.")
-    return k - len(old)
-
-
-def _split_lists(dataset_name: str, args: Namespace) -> tuple[list[int], list[int]]:
-    """(old, new) original class ids: from ``args`` if set, else the dataset's split."""
-    if getattr(args, "train_classes", None) is None or getattr(args, "unlabeled_classes", None) is None:
-        _set_class_splits(args, dataset_name)
-    return [int(c) for c in args.train_classes], [int(c) for c in args.unlabeled_classes]
-
-
-def _root(dataset_name: str, args: Namespace) -> Path | None:
+def dataset_folder(dataset_name: str, data_root: str | None) -> Path | None:
     """Root folder (--data_root, else GET_*_ROOT, else default); None for built-in datasets."""
     if dataset_name in config.BUILTIN_DATASETS:
         return None
-    return config.dataset_root(dataset_name, getattr(args, "data_root", None))
+    return config.dataset_root(dataset_name, data_root)
+
+
+def download(dataset_name: str, data_root: str | None) -> None:
+    """Download ``dataset_name`` into its root (--download: CIFAR only)."""
+    source, root = get_source(dataset_name, data_root), dataset_folder(dataset_name, data_root)
+    if source.download is None:
+        raise InputError(
+            f"--download is only available for cifar10 and cifar100, not {source.name!r}; "
+            f"place the dataset under {root} yourself."
+        )
+    source.download(root)
+
+
+def _split_lists(task) -> tuple[list[int], list[int]]:
+    """(old, new) original class ids: the task's, or the dataset's split for a bare namespace."""
+    if getattr(task, "train_classes", None) is not None:
+        return [int(c) for c in task.train_classes], [int(c) for c in task.unlabeled_classes]
+    old, new = class_split(task.dataset_name, getattr(task, "data_root", None), getattr(task, "old_classes", None))
+    return old, new or []
 
 
 def draw_labelled_positions(num_old_images: int, prop_train_labels: float) -> np.ndarray:
@@ -141,23 +125,11 @@ def _labelled_positions(train_raw: RawSplit, old: list[int], prop_train_labels: 
     return old_positions[draw_labelled_positions(len(old_positions), prop_train_labels)]
 
 
-def _maybe_download(source: DatasetSource, root: Path | None, args: Namespace) -> None:
-    """Download into ``root`` when ``args.download`` is set (CIFAR only)."""
-    if not getattr(args, "download", False):
-        return
-    if source.download is None:
-        raise ValueError(
-            f"--download is only available for cifar10 and cifar100, not {source.name!r}; "
-            f"place the dataset under {root} yourself."
-        )
-    source.download(root)
-
-
 def get_datasets(
     dataset_name: str,
     train_transform: Callable | None,
     test_transform: Callable | None,
-    args: Namespace,
+    task,
 ) -> tuple[MergedDataset, GCDDataset, GCDDataset, dict[str, GCDDataset]]:
     """Build the GCD datasets of ``dataset_name``.
 
@@ -167,13 +139,13 @@ def get_datasets(
     unlabelled training images with ``test_transform``, and
     ``datasets = {'train_labelled', 'train_unlabelled', 'test'}``.
     Underlying items are ``(image, remapped target, uq_idx)``.
-    Reads ``args.data_root`` (None: config default), ``args.prop_train_labels``
-    (0.5), ``args.download`` (CIFAR only) and the class lists (set if absent).
+    ``task``: a ``data.task.Task``, or any namespace with ``data_root`` (None: config
+    default), ``prop_train_labels`` and optionally the class lists (else the dataset's).
     """
-    source = get_source(dataset_name, args)
-    old, new = _split_lists(dataset_name, args)
-    root = _root(dataset_name, args)
-    _maybe_download(source, root, args)
+    data_root, old_classes = getattr(task, "data_root", None), getattr(task, "old_classes", None)
+    source = get_source(dataset_name, data_root, old_classes)
+    old, new = _split_lists(task)
+    root = dataset_folder(dataset_name, data_root)
     target_map = {c: i for i, c in enumerate(old + new)}
 
     train_raw = _keep_split_classes(source.load_split(root, True), old + new)
@@ -182,7 +154,7 @@ def get_datasets(
         raise dataset_not_found(
             dataset_name, root, "no training image of any class of the split was found.", source.layout
         )
-    labelled = _labelled_positions(train_raw, old, getattr(args, "prop_train_labels", 0.5))
+    labelled = _labelled_positions(train_raw, old, getattr(task, "prop_train_labels", 0.5))
     unlabelled = np.setdiff1d(np.arange(len(train_raw)), labelled)
 
     datasets = {
@@ -195,18 +167,17 @@ def get_datasets(
     return train_dataset, datasets["test"], unlabelled_train_examples_test, datasets
 
 
-def get_class_names(args: Namespace) -> list[str]:
-    """Class names in remapped label order (length K): names[t] is the name of target t.
+def get_class_names(dataset_name: str, data_root: str | None, old: list[int], new: list[int],
+                    style: str = "reference", old_classes: str | None = None) -> list[str]:
+    """Class names in remapped label order (old then new): names[t] is the name of target t.
 
-    ``args.class_names`` (absent: "reference") picks the strings: "reference" gives the
-    reference code's, byte for byte, since stage 1 distils towards their text; "tidy"
-    passes them through ``tidy_class_names``.
+    ``style`` (--class_names) picks the strings: "reference" gives the reference code's, byte
+    for byte, since stage 1 distils towards their text; "tidy" passes them through
+    ``tidy_class_names``.
     """
-    source = get_source(args.dataset_name, args)
-    old, new = _split_lists(args.dataset_name, args)
-    names = source.class_names(_root(args.dataset_name, args))
-    if getattr(args, "class_names", "reference") == "tidy":
-        names = tidy_class_names(args.dataset_name, names)
+    names = get_source(dataset_name, data_root, old_classes).class_names(dataset_folder(dataset_name, data_root))
+    if style == "tidy":
+        names = tidy_class_names(dataset_name, names)
     return [names[c] for c in old + new]
 
 

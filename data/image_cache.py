@@ -37,7 +37,6 @@ import os
 import shutil
 import socket
 import time
-from argparse import Namespace
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -50,17 +49,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
-from data.data_utils import GCDDataset, ImageLoadError, RawSplit, image_header_size
+from data.data_utils import GCDDataset, RawSplit, image_header_size
+from errors import ImageCacheError, ImageLoadError
 from util.dist import DistInfo
 from util.logging_utils import get_logger
 
 FORMAT_VERSION = 1
 LOCK_FILE = ".lock"
 WAIT_POLL_S = 2.0
-
-
-class ImageCacheError(OSError):
-    """The image cache cannot be built (no room on its disk); the message names the flag."""
 
 
 # ----------------------------------------------------------------- reading a built cache
@@ -157,9 +153,10 @@ def cache_key(raw: RawSplit, split: str, resize: transforms.Resize) -> str:
 
 
 # ------------------------------------------------------------------------- the hook
-def use_image_cache(args: Namespace, splits: dict[str, Sequence[GCDDataset]],
-                    resize: transforms.Resize, info: DistInfo) -> None:
-    """Let the datasets read their images resized from the cache in ``args.image_cache``.
+def use_image_cache(cache_dir: str, splits: dict[str, Sequence[GCDDataset]], resize: transforms.Resize,
+                    info: DistInfo, num_workers: int = 0, progress: bool = False) -> None:
+    """Let the datasets read their images resized from the cache in ``cache_dir`` (--image_cache);
+    a missing cache is built with ``num_workers`` loader processes.
 
     splits: {"train": [...], "test": [...]}, the datasets of one split sharing its RawSplit;
     ``resize`` is the first step of their transforms, which then leaves the cached images as they are.
@@ -168,7 +165,7 @@ def use_image_cache(args: Namespace, splits: dict[str, Sequence[GCDDataset]],
     wait until the caches are in place. No barrier: building ImageNet takes longer than a
     collective's timeout.
     """
-    folder = Path(args.image_cache).expanduser()
+    folder = Path(cache_dir).expanduser()
     raws = {split: datasets[0].raw for split, datasets in splits.items()}
     files = {split: CacheFiles.of(folder, raw, split, resize) for split, raw in raws.items()}
     if info.local_rank == 0:
@@ -178,7 +175,7 @@ def use_image_cache(args: Namespace, splits: dict[str, Sequence[GCDDataset]],
                 missing = [split for split in raws if not files[split].trusted()]  # built meanwhile?
                 if missing:
                     build_caches([(raws[s], files[s]) for s in missing], resize, folder,
-                                 args.num_workers, args.progress)
+                                 num_workers, progress)
     else:
         while not all(f.trusted() for f in files.values()):
             time.sleep(WAIT_POLL_S)

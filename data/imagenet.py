@@ -13,7 +13,7 @@ few folders) on the same ids. Class names: the reference's 1000-line list
 open_clip's curated names (those are ``--class_names tidy``). Dataset order is
 ImageFolder's: sorted folders, sorted files inside each.
 
-Splits (GET_SPEC.md section 1): ImageNet-1k old = 0-499, new = 500-999.
+Splits (docs/method.md, "Data"): ImageNet-1k old = 0-499, new = 500-999.
 ImageNet-100 keeps the classes ``np.sort(np.random.choice(range(1000), 100,
 replace=False))`` drawn after ``np.random.seed(0)``; the first 50 of them are
 old. Its class ids stay ImageNet-1k ids, so the remapped targets 0..99 are the

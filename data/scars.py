@@ -11,7 +11,7 @@ Root layout (as torchvision's StanfordCars expects it)::
 Each annotation has fields ``bbox_x1, bbox_y1, bbox_x2, bbox_y2, class,
 fname``; ``class`` is 1-based, class id = class - 1 (0..195), the ids of the
 SSB split list. Dataset order = annotation order. Names: ``class_names`` of
-cars_meta.mat. Split (GET_SPEC.md section 1): old = SSB ``known_classes``,
+cars_meta.mat. Split (docs/method.md, "Data"): old = SSB ``known_classes``,
 new = SSB Hard + Medium + Easy.
 """
 from __future__ import annotations

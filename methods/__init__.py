@@ -1,10 +1,12 @@
-"""GET losses as pure functions on tensors (GET_SPEC.md §3-§4).
+"""What GET computes in each stage (docs/method.md): the losses, as pure functions on tensors,
+and each stage's training step, which runs the model on a batch and takes its loss.
 
-``methods.tes`` is the stage-1 loss, ``methods.simgcd`` the per-branch SimGCD loss and
-``methods.get`` the stage-2 total with CICO. Rows are the 2B rows of both views (view 1 then
-view 2); labels are int64 [2B], labelled_mask bool [2B]. The caller checks its arguments and
-calls the losses in float32 outside autocast. Every loss returns ``(total, components)``:
-``total`` a 0-d tensor with its graph, ``components`` {name: detached 0-d tensor}.
+``methods.tes`` is stage 1 (the TES loss, ``TESStep``), ``methods.simgcd`` the per-branch SimGCD
+loss and ``methods.get`` stage 2 (the total with CICO, ``GETStep``). Rows are the 2B rows of
+both views (view 1 then view 2); labels are int64 [2B], labelled_mask bool [2B]. The caller
+checks its arguments and calls the losses in float32 outside autocast. Every loss returns
+``(total, components)``: ``total`` a 0-d tensor with its graph, ``components`` {name: detached
+0-d tensor}, logged under their names without further code.
 """
 from __future__ import annotations
 

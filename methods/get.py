@@ -1,14 +1,20 @@
-"""Stage-2 GET loss, GET_SPEC.md §4: two SimGCD branches plus cross-modal consistency.
+"""Stage 2: the GET loss, two SimGCD branches plus cross-modal consistency, and the training
+step that computes it (docs/method.md, "Stage 2").
 
     total = L_visual + L_text + cico_weight·L_cico
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from methods import Losses, graph_zero
 from methods.simgcd import branch_loss
+from util.dist import DistInfo, gather_views
 
 
 def cico_loss(
@@ -68,3 +74,24 @@ def get_loss(
     cico, cico_parts = cico_loss(out["v_feat"], out["t_feat"], labels, labelled_mask)
     components.update(cico_parts)
     return total + cico_weight * cico, components
+
+
+@dataclass
+class GETStep:
+    """Stage 2's step: the loss of one batch.
+
+    The model runs on the images of both views; the rows of every process are gathered into
+    the global batch, and ``get_loss`` is taken over it with the teacher temperature of the
+    epoch, so N processes compute the loss of one.
+    """
+    net: nn.Module                           # model.GETModel, or its DDP / compiled wrapper
+    info: DistInfo
+    teacher_temp: Callable[[int], float]     # τ_t(epoch): methods.simgcd.teacher_temperature
+    sup_weight: float = 0.35
+    memax_weight: float = 1.0
+    cico_weight: float = 1.0
+
+    def __call__(self, images: Tensor, labels: Tensor, labelled: Tensor, epoch: int, step: int) -> Losses:
+        b = gather_views({**self.net(images), "labels": labels, "labelled": labelled}, self.info)
+        return get_loss(b, b["labels"], b["labelled"], self.teacher_temp(epoch), sup_weight=self.sup_weight,
+                        memax_weight=self.memax_weight, cico_weight=self.cico_weight)

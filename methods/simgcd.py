@@ -1,4 +1,4 @@
-"""Per-branch loss of GET stage 2, the SimGCD recipe (GET_SPEC.md §4, "Precise definitions").
+"""Per-branch loss of GET stage 2, the SimGCD recipe (docs/method.md, "Stage 2").
 
     total = (1-λ)·(self_distill + memax_weight·memax) + λ·cls + (1-λ)·info_nce + λ·supcon
 

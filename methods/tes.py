@@ -1,4 +1,5 @@
-"""Stage-1 loss of the Text Embedding Synthesizer, GET_SPEC.md §3.
+"""Stage 1: the loss of the Text Embedding Synthesizer and the training step that computes it
+(docs/method.md, "Stage 1").
 
     loss = align + distill_ce + distill_mse
 
@@ -6,10 +7,17 @@ Components also carry ``distill_acc``, a logged measurement that is not part of 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from methods import Losses, masked_mean
+from model import sample_keep_mask
+from util.dist import DistInfo, gather_views, local_rows
+from util.rng import derive_seed
+from vocabulary import STAGE1
 
 
 def tes_alignment_loss(
@@ -61,3 +69,38 @@ def tes_loss(
     align, align_parts = tes_alignment_loss(f, t, logit_scale)
     distill, distill_parts = tes_distill_loss(t, labels, labelled_mask, class_text)
     return align + distill, {**align_parts, **distill_parts}
+
+
+def word_drop_mask(seed: int, word_drop: float, n_words: int, info: DistInfo, epoch: int, step: int,
+                   rows: int) -> Tensor | None:
+    """Stage 1's word dropout (--word_drop; None when off) for this process's ``rows`` of a
+    step: drawn for the whole global batch from the step's own seed, so that neither the number
+    of processes nor a resume changes it."""
+    if not word_drop:
+        return None
+    generator = torch.Generator().manual_seed(derive_seed(seed, STAGE1, epoch, step, "word_drop"))
+    keep = sample_keep_mask(rows * info.world_size, n_words, word_drop, generator)
+    return local_rows(keep, info)  # on the CPU; the TES moves it
+
+
+@dataclass
+class TESStep:
+    """Stage 1's step: the loss of one batch.
+
+    The TES runs on the images of both views (with word dropout if asked); the rows of every
+    process are gathered into the global batch, and ``tes_loss`` is taken over it, so N
+    processes compute the loss of one.
+    """
+    net: nn.Module             # model.TESStage, or its DDP wrapper
+    class_text: Tensor         # [K_old, D] CLIP text of the old classes
+    logit_scale: float         # CLIP's exp(logit_scale): 100 for OpenAI's weights
+    info: DistInfo
+    seed: int = 0              # --seed (the word-dropout masks)
+    word_drop: float = 0.0
+    n_words: int = 7
+
+    def __call__(self, images: Tensor, labels: Tensor, labelled: Tensor, epoch: int, step: int) -> Losses:
+        keep = word_drop_mask(self.seed, self.word_drop, self.n_words, self.info, epoch, step, len(images))
+        f, t = self.net(images, keep)
+        b = gather_views({"f": f, "t": t, "labels": labels, "labelled": labelled}, self.info)
+        return tes_loss(b["f"], b["t"], self.logit_scale, b["labels"], b["labelled"], self.class_text)

@@ -36,7 +36,7 @@ of the seeds), so it is not a blind zero-shot number, but no scikit-learn image 
 
 The file holds ``{"state_dict": fp16 open_clip state dict, "meta": {...}}``: the command, the
 fonts used, the loss trace and the zero-shot accuracies; ``--pretrained weights/GET-tiny-digits.pt
---clip_model GET-tiny-digits`` loads it through the normal route (``model.load_clip``, which
+--clip_model GET-tiny-digits`` loads it through the normal route (``backbone.load_clip``, which
 takes a local file as OpenAI-style weights and so forces QuickGELU: the model is trained with
 QuickGELU too). Deterministic: the same command on the same machine (same fonts, same torch
 build, one thread) writes the same file, byte for byte; the fonts differ between machines, and
@@ -62,7 +62,8 @@ sys.path.insert(0, str(REPO))
 
 from data.augmentations import NORMALIZATIONS, get_transforms, resize_step  # noqa: E402
 from data.digits import CLASS_NAMES, DIGITS, UPSCALE, ink_to_rgb  # noqa: E402
-from model import class_text_embeddings, get_tokenizer, load_clip, vision_image_size  # noqa: E402
+from backbone import class_text_embeddings, get_tokenizer, load_clip  # noqa: E402
+from config import register_model_configs, vision_image_size  # noqa: E402
 from util.rng import derive_seed  # noqa: E402
 
 # Caption templates: {w} is the class name ("seven"), {d} the numeral ("7").
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"rendered {len(pool)} training digits with {len(fonts)} fonts ({time.time() - start:.0f}s)")
 
     torch.manual_seed(streams["initial weights"])
+    register_model_configs()
     model = open_clip.create_model(args.clip_model, force_quick_gelu=True, output_dict=True)
     tokens = caption_tokens(get_tokenizer(args.clip_model))
     trace = train(model, pool, labels, tokens, args, streams["batches"])

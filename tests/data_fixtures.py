@@ -300,7 +300,7 @@ def imagenet_100_subset() -> list[int]:
 
 
 def split_lists(dataset_name: str) -> tuple[list[int], list[int]]:
-    """(old, new) ORIGINAL class ids of the protocol, in split order (GET_SPEC.md section 1)."""
+    """(old, new) ORIGINAL class ids of the protocol, in split order (docs/method.md, "Data")."""
     ranges = {"cifar10": (5, 10), "cifar100": (80, 100), "imagenet_1k": (500, 1000), "digits": (5, 10)}
     if dataset_name in ranges:
         num_old, num_classes = ranges[dataset_name]

@@ -20,12 +20,13 @@ from scipy.io import loadmat
 import config
 import data_fixtures as F
 import params
-from data.get_datasets import get_class_names, get_class_splits, get_datasets
+from data.get_datasets import get_datasets
+from data.task import task_from_args
 
 DATASETS = ["cifar10", "cifar100", "imagenet_100", "imagenet_1k", "cub", "scars", "aircraft", "herbarium_19"]
 N_TRAIN, N_TEST = 4, 2
 
-# (K_old, K) per dataset, from the table of GET_SPEC.md section 1.
+# (K_old, K) per dataset, from the table of docs/method.md, "Data".
 SPEC_SIZES = {
     "cifar10": (5, 10), "cifar100": (80, 100), "imagenet_100": (50, 100), "imagenet_1k": (500, 1000),
     "cub": (100, 200), "scars": (98, 196), "aircraft": (50, 100), "herbarium_19": (341, 683), "digits": (5, 10),
@@ -55,6 +56,11 @@ def reference_labelled_serials(train_items: list[tuple[int, int]], old: list[int
     return {old_serials[i] for i in chosen}
 
 
+def class_names(args: Namespace) -> list[str]:
+    """The task's class names, in remapped label order."""
+    return list(task_from_args(args).class_names)
+
+
 def build(dataset_name: str, root: Path, classes: list[int] | None = None) -> dict:
     """Write a fixture, load it with decode_image as transform, read every item."""
     if classes is None:
@@ -62,8 +68,8 @@ def build(dataset_name: str, root: Path, classes: list[int] | None = None) -> di
     else:
         F.WRITERS[dataset_name](root, classes, N_TRAIN, N_TEST)
     args = Namespace(dataset_name=dataset_name, data_root=str(root), prop_train_labels=0.5)
-    get_class_splits(args)
-    train, test, unlabelled_test, parts = get_datasets(dataset_name, F.decode_image, F.decode_image, args)
+    task = task_from_args(args)
+    train, test, unlabelled_test, parts = get_datasets(dataset_name, F.decode_image, F.decode_image, task)
 
     def read(dataset) -> list[dict]:
         items = []
@@ -73,10 +79,10 @@ def build(dataset_name: str, root: Path, classes: list[int] | None = None) -> di
                               target=target, uq_idx=uq_idx, flag=flag))
         return items
 
-    return dict(name=dataset_name, root=root, args=args, train=train, test=test, unlabelled_test=unlabelled_test,
+    return dict(name=dataset_name, root=root, args=args, task=task, train=train, test=test, unlabelled_test=unlabelled_test,
                 parts=parts, merged_items=read(train), labelled=read(parts["train_labelled"]),
                 unlabelled=read(parts["train_unlabelled"]), test_items=read(test),
-                unlabelled_test_items=read(unlabelled_test), names=get_class_names(args))
+                unlabelled_test_items=read(unlabelled_test), names=class_names(args))
 
 
 @pytest.fixture(scope="module", params=DATASETS)
@@ -86,9 +92,9 @@ def loaded(request, tmp_path_factory) -> dict:
 
 
 def test_class_splits_follow_spec(loaded):
-    args = loaded["args"]
+    args = loaded["task"]
     old, new = F.split_lists(loaded["name"])
-    assert args.train_classes == old and args.unlabeled_classes == new
+    assert list(args.train_classes) == old and list(args.unlabeled_classes) == new
     num_classes = args.num_labeled_classes + args.num_unlabeled_classes
     assert (args.num_labeled_classes, num_classes) == SPEC_SIZES[loaded["name"]]
     assert len(set(old) | set(new)) == SPEC_SIZES[loaded["name"]][1]
@@ -176,7 +182,7 @@ def test_class_names_follow_reference_recipe(loaded):
     old, new = F.split_lists(loaded["name"])
     by_id = reference_names(loaded["name"], loaded["root"])
     assert loaded["names"] == [by_id[c] for c in old + new]
-    explicit = get_class_names(Namespace(**{**vars(loaded["args"]), "class_names": "reference"}))
+    explicit = class_names(Namespace(**{**vars(loaded["args"]), "class_names": "reference"}))
     assert explicit == loaded["names"]
     if loaded["name"] in ("cifar10", "cifar100", "cub"):
         assert all("_" in name for name in loaded["names"])  # underscores kept
@@ -184,7 +190,7 @@ def test_class_names_follow_reference_recipe(loaded):
 
 def test_tidy_class_names(loaded):
     args = Namespace(**{**vars(loaded["args"]), "class_names": "tidy"})
-    tidy = get_class_names(args)
+    tidy = class_names(args)
     if loaded["name"] in ("imagenet_100", "imagenet_1k"):
         old, new = F.split_lists(loaded["name"])
         assert tidy == [IMAGENET_CLASSNAMES[c] for c in old + new]
@@ -200,13 +206,13 @@ def test_shipped_imagenet_names():
     assert (names[0], names[4], names[7], names[8], names[999]) == (
         "tench", "hammerhead", "cock", "hen", "toilet tissue")
     assert names[134] == names[517] == "crane" and names[638] == names[639] == "maillot"
-    assert get_class_names(Namespace(dataset_name="imagenet_1k")) == names
+    assert class_names(Namespace(dataset_name="imagenet_1k")) == names
     np.random.seed(0)
     subset = np.sort(np.random.choice(range(1000), 100, replace=False))
-    names_100 = get_class_names(Namespace(dataset_name="imagenet_100"))
+    names_100 = class_names(Namespace(dataset_name="imagenet_100"))
     assert names_100[:5] == [names[i] for i in subset[:5]]
     assert names_100 == [names[i] for i in subset]
-    assert get_class_names(Namespace(dataset_name="imagenet_1k", class_names="tidy"))[7] == "rooster"
+    assert class_names(Namespace(dataset_name="imagenet_1k", class_names="tidy"))[7] == "rooster"
 
 
 def test_shipped_imagenet_names_match_reference_file():
@@ -241,7 +247,7 @@ def test_old_classes_are_the_first_targets(loaded):
     targets = np.array([i["target"] for i in loaded["unlabelled"]])
     old, _ = F.split_lists(loaded["name"])
     expected = np.array([i["cls"] in set(old) for i in loaded["unlabelled"]])
-    np.testing.assert_array_equal(targets < loaded["args"].num_labeled_classes, expected)
+    np.testing.assert_array_equal(targets < loaded["task"].num_labeled_classes, expected)
 
 
 def test_herbarium_names_follow_folder_not_index(tmp_path):
@@ -296,7 +302,7 @@ def test_digits_demo():
         for col in range(32):
             expected = round(255 - grey[row // 4, col // 4] * 255 / 16)
             assert tuple(pixels[row, col]) == (expected,) * 3
-    assert get_class_names(args)[3] == "three"
+    assert class_names(args)[3] == "three"
 
 
 def test_config_defaults_and_overrides(monkeypatch, tmp_path):

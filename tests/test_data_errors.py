@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ import pytest
 import config
 import data_fixtures as F
 from data.augmentations import get_transforms
-from data.data_utils import DatasetNotFoundError, ImageLoadError, MergedDataset, train_sample_weights
-from data.get_datasets import get_class_names, get_class_splits, get_datasets
+from data.data_utils import MergedDataset, train_sample_weights
+from data.get_datasets import get_datasets
+from data.task import task_from_args
+from errors import DatasetNotFoundError, ImageLoadError
 
 ENV_VARS = {
     "cifar10": "GET_CIFAR10_ROOT", "cifar100": "GET_CIFAR100_ROOT", "imagenet_100": "GET_IMAGENET_ROOT",
@@ -106,7 +109,7 @@ def test_missing_class_names_file(name, tmp_path):
     F.make_fixture(name, tmp_path, 2, 1)
     remove(tmp_path / NAMES_FILE[name])
     with pytest.raises(DatasetNotFoundError) as error:
-        get_class_names(get_class_splits(args_for(name, tmp_path)))
+        task_from_args(args_for(name, tmp_path))
     assert_names_fix(str(error.value), tmp_path / NAMES_FILE[name], name)
 
 
@@ -115,7 +118,7 @@ def test_truncated_class_list(tmp_path):
     classes = tmp_path / "CUB_200_2011" / "classes.txt"
     classes.write_text("\n".join(classes.read_text().splitlines()[:150]) + "\n")
     with pytest.raises(DatasetNotFoundError) as error:
-        get_class_names(args_for("cub", tmp_path))
+        task_from_args(args_for("cub", tmp_path))
     assert_names_fix(str(error.value), classes, "cub")
 
 
@@ -159,13 +162,13 @@ def test_aircraft_variant_not_in_variants_file(tmp_path):
         get_datasets("aircraft", None, None, args_for("aircraft", tmp_path))
 
 
-@pytest.mark.parametrize("call", ["get_datasets", "get_class_splits", "dataset_root"])
+@pytest.mark.parametrize("call", ["get_datasets", "task_from_args", "dataset_root"])
 def test_unknown_dataset_name(call):
     with pytest.raises(ValueError) as error:
         if call == "get_datasets":
             get_datasets("cub2011", None, None, args_for("cub2011", None))
-        elif call == "get_class_splits":
-            get_class_splits(args_for("cub2011", None))
+        elif call == "task_from_args":
+            task_from_args(args_for("cub2011", None))
         else:
             config.dataset_root("cub2011")
     for valid in ("cifar10", "cub", "herbarium_19", "digits", "imagenet_1k"):
@@ -196,7 +199,7 @@ def test_download_only_for_cifar(tmp_path):
     args = args_for("cub", tmp_path)
     args.download = True
     with pytest.raises(ValueError, match="cifar10"):
-        get_datasets("cub", None, None, args)
+        task_from_args(args)
 
 
 def test_no_training_images_of_split_classes(tmp_path):
@@ -220,9 +223,9 @@ def test_unknown_normalization():
 
 def test_images_of_classes_outside_the_lists_are_left_out(tmp_path):
     F.make_fixture("cub", tmp_path, 2, 1)
-    args = get_class_splits(args_for("cub", tmp_path))
-    dropped = args.train_classes[0]
-    args.train_classes = args.train_classes[1:]
-    train, test, _, _ = get_datasets("cub", F.decode_image, F.decode_image, args)
+    task = task_from_args(args_for("cub", tmp_path))
+    dropped = task.train_classes[0]
+    task = replace(task, train_classes=task.train_classes[1:])
+    train, test, _, _ = get_datasets("cub", F.decode_image, F.decode_image, task)
     assert (len(train), len(test)) == (5 * 2, 5 * 1)
     assert all(train[i][0][0] != dropped for i in range(len(train)))

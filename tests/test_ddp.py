@@ -1,4 +1,4 @@
-"""N processes compute the loss of one process (GET_SPEC §4, "Precision and several
+"""N processes compute the loss of one process (docs/method.md, "Precision and several
 processes"): two Gloo processes on the CPU, each with half of one fixed global batch, give
 the loss terms of a single process on the whole batch, and after DistributedDataParallel's
 average the same gradient of every trainable parameter, in both stages."""
@@ -14,11 +14,12 @@ import torch.multiprocessing as mp
 
 import model
 import train
-from methods.get import get_loss
-from methods.tes import tes_loss
+from backbone import load_clip
+from methods.get import GETStep
+from methods.tes import TESStep
 from bench.demo_seeds import demo_flags
 from tests.test_reliability import free_port, torchrun
-from util.dist import DistInfo, gather_views, wrap_ddp
+from util.dist import DistInfo, wrap_ddp
 
 B, K, WORLD = 6, 6, 2  # global batch (samples), classes, processes
 
@@ -41,7 +42,7 @@ def rows_of(rank: int, world: int) -> torch.Tensor:
 
 def build(stage: int) -> model._PartlyTrainable:
     torch.manual_seed(0)
-    clip = model.load_clip("GET-tiny", pretrained=None)
+    clip = load_clip("GET-tiny", pretrained=None)
     torch.manual_seed(1)
     tes = model.TextEmbeddingSynthesizer(clip)
     if stage == 1:
@@ -51,17 +52,14 @@ def build(stage: int) -> model._PartlyTrainable:
 
 
 def stage_loss(stage: int, net, batch: dict, info: DistInfo):
-    """The loss of train.py's stage ``stage`` on this process's rows (gathered if several)."""
+    """The step of train.py's stage ``stage`` on this process's rows (gathered if several)."""
     if stage == 1:
-        f, t = net(batch["images"])
-        rows = gather_views({"f": f, "t": t, "labels": batch["labels"],
-                             "labelled": batch["labelled"]}, info)
         class_text = torch.nn.functional.normalize(
             torch.randn(K, 32, generator=torch.Generator().manual_seed(5)), dim=-1)
-        return tes_loss(rows["f"], rows["t"], 100.0, rows["labels"], rows["labelled"], class_text)
-    rows = gather_views({**net(batch["images"]), "labels": batch["labels"],
-                         "labelled": batch["labelled"]}, info)
-    return get_loss(rows, rows["labels"], rows["labelled"], teacher_temp=0.05, memax_weight=2.0)
+        step = TESStep(net, class_text, 100.0, info)
+    else:
+        step = GETStep(net, info, teacher_temp=lambda epoch: 0.05, memax_weight=2.0)
+    return step(batch["images"], batch["labels"], batch["labelled"], 0, 0)
 
 
 def step(stage: int, info: DistInfo) -> dict[str, torch.Tensor]:

@@ -19,11 +19,13 @@ import torch
 
 import train
 from bench.demo_seeds import demo_flags
-from data.get_datasets import get_class_splits, get_datasets
+from backbone import load_clip
+from config import vision_image_size
+from data.get_datasets import get_datasets
 from data.loaders import build_loaders
-from model import load_clip, vision_image_size
+from data.task import task_from_args
+from evaluation.accuracy import split_cluster_acc_v2
 from params import parse_args
-from util.cluster_and_log_utils import split_cluster_acc_v2
 from util.dist import DistInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +56,8 @@ def test_short_demo_learns_in_every_branch_and_term(tmp_path):
     flags = demo_flags()
     metrics = train.main(flags + ["--tes_epochs", "2", "--epochs", "6", "--eval_every", "6",
                                   "--exp_root", str(tmp_path), "--no-progress"])
-    args = get_class_splits(Namespace(dataset_name="digits", data_root=None, prop_train_labels=0.5))
-    unlabelled = get_datasets("digits", None, None, args)[2]
+    task = task_from_args(Namespace(dataset_name="digits", data_root=None, prop_train_labels=0.5))
+    unlabelled = get_datasets("digits", None, None, task)[2]
     chance = chance_accuracy(np.asarray(unlabelled.targets))
     # Chance is ~0.14 here (a constant prediction scores the largest class share, also ~0.14).
     # Twice chance is a margin no untrained or collapsed branch reaches: a text side that runs
@@ -93,8 +95,8 @@ def test_demo_seeds_draw_their_own_augmentations_and_results(tmp_path):
     flags = demo_flags() + ["--exp_root", str(tmp_path), "--no-progress"]
     first_views = {}
     for seed in (0, 1, 2):
-        args = get_class_splits(parse_args(flags + ["--seed", str(seed)]))
-        loader = build_loaders(args, vision_image_size(args.clip_model), DistInfo(), tmp_path).train
+        args = parse_args(flags + ["--seed", str(seed)])
+        loader = build_loaders(task_from_args(args), args, vision_image_size(args.clip_model), DistInfo()).train
         for stage, epoch in (("tes", 0), ("tes", 1), ("get", 0)):
             loader.sampler.set_epoch(epoch, stage=stage)
             first_views[seed, stage, epoch] = torch.cat(next(iter(loader))[0])

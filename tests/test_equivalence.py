@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import model
+from backbone import load_clip
 from bench.reference import ReferenceGETModel, ReferenceTESStage
 from methods.get import get_loss
 from methods.tes import tes_loss
@@ -36,7 +37,7 @@ def twin_models(build_optimised, build_reference):
     out = {}
     for path, build in ((OPTIMISED, build_optimised), (REFERENCE, build_reference)):
         torch.manual_seed(0)
-        clip = model.load_clip(TINY, pretrained=None)
+        clip = load_clip(TINY, pretrained=None)
         torch.manual_seed(1)
         tes = model.TextEmbeddingSynthesizer(clip, n_words=7)
         torch.manual_seed(2)

@@ -1,6 +1,8 @@
-"""Estimating K (util/estimate_k.py, estimate_k.py, train.py --num_classes auto): the search on
+"""Estimating K (evaluation/k_estimate.py, estimate_k.py, train.py --num_classes auto): the search on
 synthetic features whose number of clusters is known, and the estimate end to end."""
 from __future__ import annotations
+
+from argparse import Namespace
 
 import json
 
@@ -11,7 +13,7 @@ import torch
 import data_fixtures as F
 import estimate_k
 import train
-from util import estimate_k as E
+from evaluation import k_estimate as E
 from tests.helpers import run_dirs, scalar_tags
 
 N_OLD, N_CLASSES, PER_CLASS, DIM = 4, 12, 40, 16
@@ -68,14 +70,11 @@ def test_brent_search_finds_the_peak_of_a_long_interval_in_few_steps():
 
 
 def test_search_bounds():
-    args = train.parse_args(["--device", "cpu"])
-    args.num_labeled_classes = 3
-    assert E.search_bounds(args, 1000) == (3, 20)
-    args.num_labeled_classes, args.max_classes = 100, 250
-    assert E.search_bounds(args, 1000) == (100, 250) and E.search_bounds(args, 180) == (100, 180)
-    args.max_classes = 100
+    assert E.search_bounds(Namespace(num_labeled_classes=3), None, 1000) == (3, 20)
+    task = Namespace(num_labeled_classes=100)
+    assert E.search_bounds(task, 250, 1000) == (100, 250) and E.search_bounds(task, 250, 180) == (100, 180)
     with pytest.raises(ValueError, match="--max_classes 100 leaves no K to search above the 100 old"):
-        E.search_bounds(args, 1000)
+        E.search_bounds(task, 100, 1000)
 
 
 def tiny_argv(out, root, *extra):

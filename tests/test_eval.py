@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from util.cluster_and_log_utils import (branch_agreement, log_accs_from_preds, split_cluster_acc_v2,
+from evaluation.accuracy import (branch_agreement, log_accs_from_preds, split_cluster_acc_v2,
                                        split_cluster_acc_v2_balanced)
 
 

@@ -10,13 +10,18 @@ import torch
 from torch.utils.data import DataLoader
 
 import model
+from backbone import load_clip
 from data.augmentations import get_transforms
-from data.get_datasets import get_class_splits, get_datasets
-from engine import evaluate, predict_split
-from util.eval_cache import EvalCache
-from util.dist import DistInfo, ShardSampler
-from util.logging_utils import RunLogger
-from util.runs import Run, StopSignal
+from data.get_datasets import get_datasets
+from data.samplers import ShardSampler
+from data.task import task_from_args
+from evaluation.cache import EvalCache
+from evaluation.evaluate import Evaluator
+from evaluation.predict import predict_split
+from util.dist import DistInfo
+
+
+CPU = torch.device("cpu")
 
 
 class CountingDataset(torch.utils.data.Dataset):
@@ -35,17 +40,15 @@ class CountingDataset(torch.utils.data.Dataset):
 
 @pytest.fixture()
 def setup(tmp_path, cub_root):
-    args = get_class_splits(Namespace(dataset_name="cub", data_root=str(cub_root), prop_train_labels=0.5))
+    task = task_from_args(Namespace(dataset_name="cub", data_root=str(cub_root), prop_train_labels=0.5))
     _, test_tf = get_transforms(image_size=32)
-    dataset = CountingDataset(get_datasets("cub", test_tf, test_tf, args)[2])  # 18 unlabelled images
+    dataset = CountingDataset(get_datasets("cub", test_tf, test_tf, task)[2])  # 18 unlabelled images
     loader = DataLoader(dataset, batch_size=4, sampler=ShardSampler(len(dataset)))
     torch.manual_seed(0)
-    clip = model.load_clip("GET-tiny", None)
+    clip = load_clip("GET-tiny", None)
     net = model.GETModel(clip, model.TextEmbeddingSynthesizer(clip), num_classes=6, grad_from_block=2,
                          head=model.HeadConfig(hidden_dim=64, bottleneck_dim=32)).eval()
-    run = Run(Namespace(device="cpu", progress=False, eval_func="v2"), DistInfo(), tmp_path,
-              RunLogger(tmp_path, enabled=False), StopSignal())
-    return net, loader, run
+    return net, loader, task
 
 
 def change_trainable_part(net) -> None:
@@ -62,20 +65,22 @@ def assert_equal(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("budget_batches", [100, 2, 0])  # all, the first 2 of 5 batches, none
 def test_cached_evaluation_equals_uncached(setup, budget_batches):
-    net, loader, run = setup
+    net, loader, task = setup
     tokens, tes_out = net.frozen_part(next(iter(loader))[0])
     cache = EvalCache("train_unlabelled", budget_batches * (tokens.nbytes + tes_out.nbytes))
+    cached = Evaluator(task, CPU, DistInfo(), caches={"train_unlabelled": cache})
     for _ in range(2):  # the evaluation that builds the cache, then one that uses it
-        assert_equal(predict_split(net, loader, run, cache), predict_split(net, loader, run))
-        assert evaluate(net, loader, 3, run, cache) == evaluate(net, loader, 3, run)
+        assert_equal(predict_split(net, loader, CPU, DistInfo(), cache), predict_split(net, loader, CPU, DistInfo()))
+        splits = {"train_unlabelled": loader}
+        assert cached(net, splits) == Evaluator(task, CPU, DistInfo())(net, splits)
         change_trainable_part(net)  # stage 2 trains between evaluations
     assert len(cache.batches) == min(budget_batches, 5)
 
 
 def test_a_cached_evaluation_loads_no_image(setup):
-    net, loader, run = setup
+    net, loader, task = setup
     cache = EvalCache("train_unlabelled", 2**30)
-    predict_split(net, loader, run, cache)
+    predict_split(net, loader, CPU, DistInfo(), cache)
     loaded = loader.dataset.loads
-    predict_split(net, loader, run, cache)
+    predict_split(net, loader, CPU, DistInfo(), cache)
     assert loaded == 18 and loader.dataset.loads == loaded

@@ -19,10 +19,12 @@ import torch
 import data_fixtures as F
 import params
 import train
-from data.data_utils import NO_LABEL, DatasetNotFoundError, train_sample_weights
-from data.get_datasets import get_class_names, get_class_splits, get_datasets
+from data.data_utils import NO_LABEL, train_sample_weights
+from data.get_datasets import get_datasets
+from data.samplers import WeightedEpochSampler
+from data.task import task_from_args
+from errors import DatasetNotFoundError
 from tests.helpers import run_dirs, scalar_tags
-from util.dist import WeightedEpochSampler
 
 ANT, BEE, CAT, DOG, EEL, FOX = range(6)  # class codes of F.FOLDER_CLASSES
 
@@ -48,11 +50,11 @@ def test_train_layout_follows_the_benchmark_protocol(tmp_path):
     F.write_folder(tmp_path, "train", n_train=6, n_test=2)
     (tmp_path / "old.txt").write_text("dog\nant\n\ncat\n")
     (tmp_path / "class_names.txt").write_text("ant\tcarpenter ant\ndog\tdingo\n")
-    args = get_class_splits(folder_args(tmp_path, old_classes=str(tmp_path / "old.txt")))
+    args = task_from_args(folder_args(tmp_path, old_classes=str(tmp_path / "old.txt")))
     # Class ids: the train/ folders sorted; targets: the old classes in the file's order, then the new.
-    assert args.train_classes == [DOG, ANT, CAT] and args.unlabeled_classes == [BEE, EEL, FOX]
+    assert list(args.train_classes) == [DOG, ANT, CAT] and list(args.unlabeled_classes) == [BEE, EEL, FOX]
     assert (args.num_labeled_classes, args.num_unlabeled_classes, args.ground_truth) == (3, 3, True)
-    assert get_class_names(args) == ["dingo", "carpenter ant", "cat", "bee", "eel", "fox"]
+    assert list(args.class_names) == ["dingo", "carpenter ant", "cat", "bee", "eel", "fox"]
 
     train_set, test_set, unlabelled_test, parts = get_datasets("folder", None, None, args)
     remapped = {code: target for target, code in enumerate(args.train_classes + args.unlabeled_classes)}
@@ -74,8 +76,8 @@ def test_train_layout_follows_the_benchmark_protocol(tmp_path):
 def test_train_layout_without_test_folder_and_with_a_comma_list(tmp_path):
     F.write_folder(tmp_path, "train")
     shutil.rmtree(tmp_path / "test")
-    args = get_class_splits(folder_args(tmp_path, old_classes="eel, bee"))
-    assert args.train_classes == [EEL, BEE] and get_class_names(args)[:2] == ["eel", "bee"]
+    args = task_from_args(folder_args(tmp_path, old_classes="eel, bee"))
+    assert list(args.train_classes) == [EEL, BEE] and list(args.class_names)[:2] == ["eel", "bee"]
     train_set, test_set, *_ = get_datasets("folder", None, None, args)
     assert len(train_set) == 24 and len(test_set) == 0
 
@@ -83,10 +85,10 @@ def test_train_layout_without_test_folder_and_with_a_comma_list(tmp_path):
 # ------------------------------------------------------------------ practitioner layout
 def test_labelled_and_unlabelled_layout(tmp_path):
     F.write_folder(tmp_path, "labelled", n_old=3, n_train=4)
-    args = get_class_splits(folder_args(tmp_path, num_classes=7))
-    assert args.train_classes == [ANT, BEE, CAT] and args.unlabeled_classes == []
+    args = task_from_args(folder_args(tmp_path, num_classes=7))
+    assert list(args.train_classes) == [ANT, BEE, CAT] and list(args.unlabeled_classes) == []
     assert (args.num_labeled_classes, args.num_unlabeled_classes, args.ground_truth) == (3, 4, False)
-    assert get_class_names(args) == ["ant", "bee", "cat"]
+    assert list(args.class_names) == ["ant", "bee", "cat"]
 
     train_set, test_set, unlabelled_test, parts = get_datasets("folder", None, None, args)
     # Every labelled image is labelled (no draw), with its folder's class.
@@ -109,16 +111,16 @@ def test_labelled_and_unlabelled_layout(tmp_path):
 def test_the_number_of_classes_must_cover_the_old_ones(tmp_path):
     F.write_folder(tmp_path, "labelled", n_old=3)
     with pytest.raises(ValueError, match="K = 2 .* fewer than the 3 old classes"):
-        get_class_splits(folder_args(tmp_path, num_classes=2))
+        task_from_args(folder_args(tmp_path, num_classes=2))
 
 
 # ------------------------------------------------------------------ errors
 def error_of(root: Path, **flags) -> str:
     """The message of the DatasetNotFoundError that reading the folder dataset raises."""
     with pytest.raises(DatasetNotFoundError) as error:
-        args = get_class_splits(folder_args(root, **flags))
+        args = task_from_args(folder_args(root, **flags))
         get_datasets("folder", None, None, args)
-        get_class_names(args)
+        list(args.class_names)
     message = str(error.value)
     assert str(root) in message and "--data_root" in message and "GET_FOLDER_ROOT" in message
     return message

@@ -17,9 +17,11 @@ from PIL import Image
 import params
 from data import image_cache
 from data.augmentations import resize_step
-from data.data_utils import GCDDataset, ImageLoadError, RawSplit, load_image
-from data.image_cache import CacheFiles, CachedSplit, ImageCacheError, use_image_cache
+from data.data_utils import GCDDataset, RawSplit, load_image
+from data.image_cache import CacheFiles, CachedSplit, use_image_cache
 from data.loaders import build_loaders
+from data.task import task_from_args
+from errors import ImageCacheError, ImageLoadError
 from tests import data_fixtures as F
 from util.dist import DistInfo
 
@@ -41,7 +43,8 @@ def vary_image_sizes(root: Path, seed: int = 0) -> None:
 def loaders_of(name: str, root: Path, tmp_path: Path, cache: Path | None):
     argv = ["--dataset_name", name, "--data_root", str(root), "--device", "cpu", "--num_workers", "0",
             "--batch_size", "2", "--no-progress"] + (["--image_cache", str(cache)] if cache else [])
-    return build_loaders(params.parse_args(argv), IMAGE_SIZE, DistInfo(), tmp_path)
+    args = params.parse_args(argv)
+    return build_loaders(task_from_args(args), args, IMAGE_SIZE, DistInfo())
 
 
 def same_item(a, b) -> bool:
@@ -104,8 +107,7 @@ def attach(raw: RawSplit, cache: Path, resize=None, split: str = "train", worker
     """A GCDDataset of every image of ``raw`` (no transform) reading from the cache in ``cache``."""
     dataset = GCDDataset(raw, np.arange(len(raw)), {0: 0}, None)
     dataset.skip_log = skip_log
-    use_image_cache(Namespace(image_cache=str(cache), num_workers=workers, progress=False),
-                    {split: [dataset]}, resize or resize_step(IMAGE_SIZE), info)
+    use_image_cache(str(cache), {split: [dataset]}, resize or resize_step(IMAGE_SIZE), info, workers)
     return dataset
 
 

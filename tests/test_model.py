@@ -1,4 +1,4 @@
-"""Tests of model.py on the random-init tiny CLIP (CPU, no network).
+"""Tests of backbone.py and model.py on the random-init tiny CLIP (CPU, no network).
 
 Each numerical check compares against an independent computation: CLIP's own encoders, the
 reference's computation (bench/reference.py), or an explicit float64 formula written here.
@@ -16,25 +16,28 @@ import open_clip
 import pytest
 import torch
 
+import backbone
+import config
+import engine
 import model
 from bench.reference import ReferenceGETModel, ReferenceTESStage
 from methods.get import get_loss
 from methods.tes import tes_loss
 from open_clip.transformer import QuickGELU
 
-TINY = model.TINY_MODEL_NAME
+TINY = "GET-tiny"
 PROMPT = "a photo of a small red bird"  # exactly 7 BPE tokens between SOT and EOT
 N_WORDS = 7
 
 
 def make_clip(seed: int = 0) -> open_clip.CLIP:
     torch.manual_seed(seed)
-    return model.load_clip(TINY, pretrained=None)
+    return backbone.load_clip(TINY, pretrained=None)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return model.get_tokenizer(TINY)
+    return backbone.get_tokenizer(TINY)
 
 
 def make_tes(clip, tokenizer, seed: int = 1, **kwargs) -> model.TextEmbeddingSynthesizer:
@@ -93,20 +96,20 @@ def test_tiny_clip_architecture_and_frozen():
     again = make_clip(0)
     assert all(torch.equal(a, b) for a, b in zip(clip.state_dict().values(),
                                                   again.state_dict().values()))
-    assert model.vision_depth(TINY) == 4 and model.vision_depth("ViT-B/16") == 12
+    assert config.vision_depth(TINY) == 4 and config.vision_depth("ViT-B/16") == 12
 
 
 def test_vision_depth_rejects_unknown_and_non_vit():
     with pytest.raises(ValueError, match="--clip_model"):
-        model.vision_depth("ViT-Nope-99")
+        config.vision_depth("ViT-Nope-99")
     with pytest.raises(ValueError, match="ViT"):
-        model.vision_depth("RN50")
+        config.vision_depth("RN50")
 
 
 def test_load_clip_missing_checkpoint_names_path_and_flag(tmp_path):
     missing = tmp_path / "no_such_clip.pt"
     with pytest.raises(FileNotFoundError) as err:
-        model.load_clip(TINY, pretrained=str(missing))
+        backbone.load_clip(TINY, pretrained=str(missing))
     assert str(missing) in str(err.value) and "--pretrained" in str(err.value)
 
 
@@ -117,7 +120,7 @@ def test_load_clip_download_failure_explains_offline_options(monkeypatch):
     # Simulates a machine without internet; load_clip itself runs unchanged.
     monkeypatch.setattr(open_clip, "download_pretrained", offline)
     with pytest.raises(RuntimeError) as err:
-        model.load_clip("ViT-B-16", pretrained="openai")
+        backbone.load_clip("ViT-B-16", pretrained="openai")
     message = str(err.value)
     assert "--pretrained" in message and "--clip_cache_dir" in message
     assert "network is unreachable" in message
@@ -128,7 +131,7 @@ def test_load_clip_local_checkpoint_round_trip(tmp_path):
     path = tmp_path / "tiny_clip.pt"
     torch.save(source.state_dict(), path)
     torch.manual_seed(123)  # a different random init that the file must overwrite
-    loaded = model.load_clip(TINY, pretrained=str(path))
+    loaded = backbone.load_clip(TINY, pretrained=str(path))
     expected = source.state_dict()
     assert expected.keys() == loaded.state_dict().keys()
     assert all(torch.equal(expected[k], v) for k, v in loaded.state_dict().items())
@@ -144,7 +147,7 @@ def test_load_clip_torchscript_archive(tmp_path, tokenizer):
         traced = torch.jit.trace(source, (images(2), tokenizer(["a", "b"])), check_trace=False)
     traced.save(str(path))
     torch.manual_seed(123)
-    loaded = model.load_clip(TINY, pretrained=str(path))
+    loaded = backbone.load_clip(TINY, pretrained=str(path))
     expected = source.state_dict()
     assert all(torch.equal(expected[k], v) for k, v in loaded.state_dict().items())
 
@@ -155,19 +158,19 @@ def test_load_clip_torchscript_archive(tmp_path, tokenizer):
 def test_split_visual_encoder_equals_clip(grad_from_block):
     clip = make_clip(0)
     visual, x = clip.visual, images(4)
-    tokens = model.visual_trunk(visual, x, grad_from_block)
+    tokens = backbone.visual_trunk(visual, x, grad_from_block)
     assert tokens.shape == (4, 1 + 16, 64)
-    cls = model.visual_tail(visual.transformer.resblocks[grad_from_block:], visual.ln_post, tokens)
+    cls = backbone.visual_tail(visual.transformer.resblocks[grad_from_block:], visual.ln_post, tokens)
     with torch.no_grad():
         expected = clip.encode_image(x)
         unprojected = copy.deepcopy(visual)
         unprojected.proj = None  # open_clip then returns the pooled CLS before the projection
         expected_cls = unprojected(x)
     assert torch.equal(cls, expected_cls)
-    assert torch.equal(model.visual_project(visual, cls), expected)
-    whole = model.visual_tail(visual.transformer.resblocks, visual.ln_post,
-                              model.visual_trunk(visual, x, 0))
-    assert torch.equal(model.visual_project(visual, whole), expected)
+    assert torch.equal(backbone.visual_project(visual, cls), expected)
+    whole = backbone.visual_tail(visual.transformer.resblocks, visual.ln_post,
+                              backbone.visual_trunk(visual, x, 0))
+    assert torch.equal(backbone.visual_project(visual, whole), expected)
 
 
 # ------------------------------------------------------------------------------ TES
@@ -181,7 +184,7 @@ def test_tes_encodes_words_like_clip_text_encoder(tokenizer):
     assert ids[0, 0] == tokenizer.sot_token_id and ids[0, N_WORDS + 1] == tokenizer.eot_token_id
     with torch.no_grad():
         words = clip.token_embedding(ids[:, 1:N_WORDS + 1])
-        torch.testing.assert_close(tes.encode_words(words), clip.encode_text(ids),
+        torch.testing.assert_close(tes.encode_words(clip, words), clip.encode_text(ids),
                                    atol=1e-5, rtol=0)
 
 
@@ -202,7 +205,7 @@ def test_tes_keep_mask_equals_text_without_dropped_tokens(tokenizer):
         reduced[row, :len(kept)] = torch.tensor(kept)
     with torch.no_grad():
         words = clip.token_embedding(ids[1:N_WORDS + 1]).expand(len(keep), -1, -1)
-        torch.testing.assert_close(tes.encode_words(words, keep), clip.encode_text(reduced),
+        torch.testing.assert_close(tes.encode_words(clip, words, keep), clip.encode_text(reduced),
                                    atol=1e-5, rtol=0)
 
 
@@ -211,7 +214,7 @@ def test_tes_state_dict_holds_only_projector_and_gradients_reach_it(tokenizer):
     tes = make_tes(clip, tokenizer)
     assert set(tes.state_dict()) == {"projector.weight", "projector.bias"}
     assert tes.projector.weight.shape == (N_WORDS * 64, 32)
-    out = tes(torch.randn(3, 32))
+    out = tes(clip, torch.randn(3, 32))
     assert out.shape == (3, 32)
     random_weighted_sum({"t": out}).backward()
     assert tes.projector.weight.grad.abs().sum() > 0 and tes.projector.bias.grad.abs().sum() > 0
@@ -237,18 +240,18 @@ def test_word_dropout_rates_and_masks(tokenizer):
     mask = model.sample_keep_mask(16, N_WORDS, 0.5, torch.Generator().manual_seed(6))
     with torch.no_grad():
         words = tes.projector(emb).unflatten(1, (N_WORDS, 64))
-        full = tes.encode_words(words)
-        assert torch.equal(tes(emb), full)  # no mask: every word
-        dropped = tes(emb, mask)
+        full = tes.encode_words(clip, words)
+        assert torch.equal(tes(clip, emb), full)  # no mask: every word
+        dropped = tes(clip, emb, mask)
     assert not mask.all()
-    torch.testing.assert_close(dropped, tes.encode_words(words, mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dropped, tes.encode_words(clip, words, mask), atol=1e-6, rtol=0)
     assert not torch.allclose(dropped, full)
 
 
 def test_class_text_embeddings_match_clip(tokenizer):
     clip = make_clip(0)
     names = ["cat", "sea turtle", "red-winged blackbird"]
-    emb = model.class_text_embeddings(clip, tokenizer, names, template="a photo of a {}",
+    emb = backbone.class_text_embeddings(clip, tokenizer, names, template="a photo of a {}",
                                       batch_size=2)
     assert emb.shape == (3, 32) and emb.dtype == torch.float32
     with torch.no_grad():
@@ -256,7 +259,7 @@ def test_class_text_embeddings_match_clip(tokenizer):
             one = clip.encode_text(tokenizer([f"a photo of a {name}"]))[0].double()
             torch.testing.assert_close(emb[row].double(), one / one.norm(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="{}"):
-        model.class_text_embeddings(clip, tokenizer, names, template="a photo")
+        backbone.class_text_embeddings(clip, tokenizer, names, template="a photo")
 
 
 # ------------------------------------------------------------------------------ head
@@ -412,7 +415,7 @@ def test_parameter_summary_counts(tokenizer):
     by_name = {name: (trainable, total) for name, trainable, total in rows}
     assert by_name["clip.visual"][0] == 0 and by_name["tes"][0] == 0
     assert by_name["head"][0] == by_name["head"][1] > 0
-    assert "total" in model.format_parameter_summary(rows)
+    assert "total" in engine.format_parameter_summary(rows)
 
 
 def test_get_model_rejects_bad_grad_from_block_and_foreign_tes(tokenizer):
@@ -421,7 +424,7 @@ def test_get_model_rejects_bad_grad_from_block_and_foreign_tes(tokenizer):
     with pytest.raises(ValueError, match="grad_from_block"):
         model.GETModel(clip, tes, num_classes=5, grad_from_block=5)
     with pytest.raises(ValueError, match="same CLIP"):
-        model.GETModel(make_clip(0), tes, num_classes=5)
+        model.GETModel(backbone.load_clip("GET-tiny-digits", pretrained=None), tes, num_classes=5)
 
 
 # ------------------------------------------------------------------------------ stage 1
@@ -526,10 +529,10 @@ def test_tiny_config_registered_at_import():
 
 @pytest.mark.parametrize("use_projection", [False, True])
 def test_vit_b16_shapes_on_meta_device(use_projection):
-    """The paper's architecture (GET_SPEC §3-§4), built on the meta device: no weights are
+    """The paper's architecture (docs/method.md), built on the meta device: no weights are
     allocated, so this costs no memory and no download."""
     with torch.device("meta"):
-        clip = model.load_clip("ViT-B-16", pretrained=None, device="meta")
+        clip = backbone.load_clip("ViT-B-16", pretrained=None, device="meta")
         tes = model.TextEmbeddingSynthesizer(clip)
         net = model.GETModel(clip, tes, num_classes=200, use_projection=use_projection)
     assert all(p.is_meta for p in net.parameters())

@@ -19,16 +19,18 @@ import predict
 import train
 from data.augmentations import get_transforms
 from data.data_utils import load_image
-from data.get_datasets import get_class_names, get_class_splits, get_datasets
-from engine import checkpoint_meta
-from model import GETModel, HeadConfig, TextEmbeddingSynthesizer, build_clip, get_tokenizer
-from params import ARCHITECTURE_FLAGS, parse_args
-from util.checkpoint import CheckpointError
+from backbone import build_clip, get_tokenizer
+from data.get_datasets import get_datasets
+from data.task import task_from_args
+from errors import CheckpointError
+from model import GETConfig, GETModel, HeadConfig, TextEmbeddingSynthesizer
+from params import parse_args
+from runs.checkpoints import task_meta
 
 FLAGS = ["--dataset_name", "digits", "--clip_model", "GET-tiny", "--pretrained", "none", "--device", "cpu",
          "--grad_from_block", "2", "--head_hidden_dim", "64", "--head_bottleneck_dim", "32", "--num_workers", "0",
          "--no-progress"]
-NAMES = get_class_names(parse_args(FLAGS))  # "zero" .. "nine"; old: the first five
+NAMES = list(task_from_args(parse_args(FLAGS)).class_names)  # "zero" .. "nine"; old: the first five
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +118,9 @@ def synthetic_checkpoint(path: Path, image_files: list[Path], candidate: str, se
     Returns the cosine logits [N, N] of the images' visual branch."""
     tokens = get_tokenizer("GET-tiny")([f"a photo of a {candidate}"])[0]
     words = tokens[1:int(tokens.argmax())]  # between start and end of text (the largest id)
-    args = get_class_splits(parse_args(FLAGS + ["--seed", str(seed), "--n_words", str(len(words))]))
-    clip = build_clip(args)  # the CLIP predict.py rebuilds from the same seed
+    args = parse_args(FLAGS + ["--seed", str(seed), "--n_words", str(len(words))])
+    task = task_from_args(args)
+    clip = build_clip(args, "cpu")  # the CLIP predict.py rebuilds from the same seed
     tes = TextEmbeddingSynthesizer(clip, n_words=len(words))
     model = GETModel(clip, tes, 10, grad_from_block=2, head=HeadConfig(True, 64, 32)).eval()
     _, test_tf = get_transforms(image_size=32)
@@ -130,7 +133,7 @@ def synthetic_checkpoint(path: Path, image_files: list[Path], candidate: str, se
         features = model(images)["v_feat"]
         model.head.weight_v.copy_(features)
         logits = F.normalize(features, dim=-1) @ F.normalize(features, dim=-1).T
-    meta = {**checkpoint_meta(args), **{key: getattr(args, key) for key in ARCHITECTURE_FLAGS}}
+    meta = {**task_meta(task, args.clip_model, args.n_words), **GETConfig.from_flags(args, task.num_classes).meta()}
     torch.save({"meta": meta, "stage": "get", "model": model.trainable_state_dict(),
                 "tes_projector": tes.projector.state_dict(),
                 "args": json.loads(json.dumps(vars(args), default=str))}, path)

@@ -6,7 +6,6 @@ processes or libraries; the statistical tests use a significance level of 0.001.
 from __future__ import annotations
 
 import random
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -15,10 +14,10 @@ from PIL import Image
 from scipy.stats import binomtest, chi2_contingency
 from torch.utils.data import DataLoader, Dataset
 
-import train
 from data.augmentations import NORMALIZATIONS, TwoViews, get_transforms
-from data.loaders import SeededSamples
-from util.dist import DistInfo, WeightedEpochSampler
+from data.samplers import SeededSamples, WeightedEpochSampler
+from methods.tes import word_drop_mask
+from util.dist import DistInfo
 from util.rng import derive_seed, seed_everything
 
 ALPHA = 0.001
@@ -177,18 +176,17 @@ def test_global_generators_get_streams_of_their_own():
 
 
 def test_word_dropout_is_new_every_step_and_the_same_for_any_number_of_processes():
-    args = Namespace(word_drop=0.5, n_words=7, seed=0)
     rows = 16  # 2 views x 8 samples of one process
 
     def mask(epoch: int, step: int, seed: int = 0) -> torch.Tensor:
-        return train.word_drop_mask(Namespace(**{**vars(args), "seed": seed}), DistInfo(), epoch, step, rows)
+        return word_drop_mask(seed, 0.5, 7, DistInfo(), epoch, step, rows)
 
     masks = [mask(0, 0), mask(0, 1), mask(1, 0), mask(0, 0, seed=1)]
     assert all(not torch.equal(a, b) for i, a in enumerate(masks) for b in masks[i + 1:])
     assert torch.equal(mask(0, 0), mask(0, 0))
     # Two processes with half of the batch each: together (view 1 of both, then view 2) the
     # mask of one process.
-    halves = [train.word_drop_mask(args, DistInfo(rank=r, world_size=2), 0, 0, rows // 2) for r in range(2)]
+    halves = [word_drop_mask(0, 0.5, 7, DistInfo(rank=r, world_size=2), 0, 0, rows // 2) for r in range(2)]
     views = [torch.cat([h[:4] for h in halves]), torch.cat([h[4:] for h in halves])]
     assert torch.equal(torch.cat(views), mask(0, 0))
-    assert train.word_drop_mask(Namespace(**{**vars(args), "word_drop": 0.0}), DistInfo(), 0, 0, rows) is None
+    assert word_drop_mask(0, 0.0, 7, DistInfo(), 0, 0, rows) is None

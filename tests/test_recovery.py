@@ -18,13 +18,15 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import engine
+import methods.get
 import train
-import util.checkpoint
-from data.data_utils import ImageLoadError, load_image
+import util.io
+from data.data_utils import load_image
+from errors import CheckpointError, ImageLoadError, NonFiniteLossError, RunLockedError
+from evaluation.evaluate import Evaluator
 from tests.helpers import run_dirs, tiny_argv, trainable_weights
-from util.checkpoint import CheckpointError, atomic_save
-from util.runs import RunLockedError, StopSignal
+from util.io import atomic_save
+from util.signals import StopSignal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,7 +150,7 @@ def test_a_live_run_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, cub_
 # --------------------------------------------------------------------------- 8, 9. true logs
 def test_logs_hold_each_epoch_and_step_once_after_a_kill(tmp_path, cub_root, monkeypatch):
     argv = tiny_argv(tmp_path, cub_root, "--epochs", "3")
-    real, calls = engine.save_checkpoints, {"n": 0}
+    real, calls = train.save_checkpoints, {"n": 0}
 
     def die_after_logging(stage, *args):  # killed between the metrics line and the save
         calls["n"] += stage.name == "get"
@@ -156,7 +158,7 @@ def test_logs_hold_each_epoch_and_step_once_after_a_kill(tmp_path, cub_root, mon
             raise SystemExit(137)
         real(stage, *args)
 
-    monkeypatch.setattr(engine, "save_checkpoints", die_after_logging)
+    monkeypatch.setattr(train, "save_checkpoints", die_after_logging)
     with pytest.raises(SystemExit):
         train.main(argv)
     monkeypatch.undo()
@@ -180,9 +182,9 @@ def test_a_crash_reason_reaches_log_txt_and_says_what_is_true(tmp_path, cub_root
         total, parts = real(out, *args, **kwargs)
         return total * float("nan"), parts
 
-    real = train.get_loss
-    monkeypatch.setattr(train, "get_loss", nan_loss)
-    with pytest.raises(engine.NonFiniteLossError, match="No checkpoint of stage 'get' had been written yet"):
+    real = methods.get.get_loss
+    monkeypatch.setattr(methods.get, "get_loss", nan_loss)
+    with pytest.raises(NonFiniteLossError, match="No checkpoint of stage 'get' had been written yet"):
         train.main(tiny_argv(tmp_path, cub_root))
     log = (run_dirs(tmp_path)[0] / "log.txt").read_text()
     assert "run stopped: NonFiniteLossError: non-finite loss in stage 'get' at epoch 0, step 0" in log
@@ -199,11 +201,11 @@ def test_command_line_errors_print_the_reason_without_traceback_or_folder(tmp_pa
 
 # ------------------------------------------------------------------------- 12. clear errors
 def test_truncated_pretrained_file_names_the_flag(tmp_path, cub_root):
-    import model
+    from backbone import load_clip
 
     torch.manual_seed(0)
     full = tmp_path / "tiny.pt"
-    torch.save(model.load_clip("GET-tiny", None).state_dict(), full)
+    torch.save(load_clip("GET-tiny", None).state_dict(), full)
     full.write_bytes(full.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=f"--pretrained: could not read the CLIP weights in {full}"):
         train.main(tiny_argv(tmp_path, cub_root, "--pretrained", str(full)))
@@ -213,7 +215,7 @@ def test_cifar_download_without_network_names_the_flag(tmp_path, monkeypatch):
     import torchvision.datasets.utils as tv_utils
     from urllib.error import URLError
 
-    from data.data_utils import DatasetNotFoundError
+    from errors import DatasetNotFoundError
 
     def offline(*args, **kwargs):
         raise URLError("[Errno -3] Temporary failure in name resolution")
@@ -245,7 +247,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(util.checkpoint.torch, "save", disk_full)
+    monkeypatch.setattr(util.io.torch, "save", disk_full)
     with pytest.raises(CheckpointError, match="no space left .* previous version of the file is intact"):
         atomic_save({"epoch": 2}, path)
     assert digest(path) == before and list(tmp_path.iterdir()) == [path]
@@ -262,13 +264,13 @@ def test_checkpoints_follow_the_umask(tmp_path):
 def test_a_stop_during_evaluation_abandons_it_and_resumes_exactly(tmp_path, cub_root, monkeypatch):
     argv = tiny_argv(tmp_path, cub_root, "--epochs", "2")
     reference = train.main(argv + ["--exp_name", "full"])
-    real = engine.evaluate_run
+    real = Evaluator.__call__
 
     def stop_then_evaluate(*args):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(engine, "evaluate_run", stop_then_evaluate)
+    monkeypatch.setattr(Evaluator, "__call__", stop_then_evaluate)
     assert train.main(argv + ["--exp_name", "cut"]) == {}
     monkeypatch.undo()
     (run,) = run_dirs(tmp_path, "cut")

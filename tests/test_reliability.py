@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import methods.get
 import train
-from engine import NonFiniteLossError
-from data.data_utils import ImageLoadError
+from errors import CheckpointError, ImageLoadError, NonFiniteLossError
 from tests.data_fixtures import make_fixture, split_lists, write_cub
 from tests.helpers import run_dirs, tiny_argv, trainable_weights
-from util.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +96,7 @@ def test_sigkill_mid_run_then_resume_auto_matches_uninterrupted(tmp_path, cub_ro
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cub_root, monkeypatch):
-    real, seen = train.get_loss, {"calls": 0}
+    real, seen = methods.get.get_loss, {"calls": 0}
 
     def nan_in_epoch_1(out, *args, **kwargs):
         seen["calls"] += 1
@@ -109,7 +108,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cub_root
             total = total + parts["cico"]
         return total, parts
 
-    monkeypatch.setattr(train, "get_loss", nan_in_epoch_1)
+    monkeypatch.setattr(methods.get, "get_loss", nan_in_epoch_1)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1 .*cico=nan"):
         train.main(tiny_argv(tmp_path, cub_root, "--epochs", "3"))
     last, digest = seen["last"]

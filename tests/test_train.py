@@ -10,13 +10,15 @@ import signal
 import pytest
 import torch
 
+import methods.get
 import train
+from errors import CheckpointError
 from params import get_args_parser
-from util.runs import latest_run
+from runs.run import latest_run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers import run_dirs, scalar_tags, tiny_argv, trainable_weights
-from util.checkpoint import CheckpointError, atomic_save
+from util.io import atomic_save
 
 HEADS = ("visual", "text", "fused")
 SPLITS = ("train_unlabelled", "test")
@@ -79,7 +81,7 @@ def test_resume_auto_picks_the_newest_run_of_exactly_this_name(tmp_path):
 
 def interrupt_at_call(monkeypatch, call: int) -> None:
     """Send SIGTERM to this process while stage 2 computes its ``call``-th loss."""
-    real, calls = train.get_loss, {"n": 0}
+    real, calls = methods.get.get_loss, {"n": 0}
 
     def loss_then_signal(*args, **kwargs):
         calls["n"] += 1
@@ -87,7 +89,7 @@ def interrupt_at_call(monkeypatch, call: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "get_loss", loss_then_signal)
+    monkeypatch.setattr(methods.get, "get_loss", loss_then_signal)
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

@@ -1,21 +1,18 @@
-"""Distributed helpers for ``torchrun``: process-group set-up, the training sampler and the
-gathering of evaluation predictions.
+"""Distributed helpers for ``torchrun``: process-group set-up, DDP, and the collectives that
+make N processes compute what one process computes (the global batch's rows, the gathered
+predictions, one answer for all).
 
-A single process is the special case ``world_size == 1``: the same sampler and evaluation
-code run, so single-GPU and multi-GPU runs draw the same batches for the same seed.
+A single process is the special case ``world_size == 1``: every helper is then a no-op, so
+the same code runs with one GPU or several.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Sampler
-
-from util.rng import derive_seed, sample_seeds
 
 
 @dataclass(frozen=True)
@@ -82,73 +79,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-class WeightedEpochSampler(Sampler[tuple[int, int]]):
-    """The GCD training sampler: the same global batches whatever the number of processes.
-
-    Each epoch of each stage draws ``len(weights)`` indices with replacement in proportion to
-    ``weights`` (labelled samples weight 1, unlabelled ones n_labelled / n_unlabelled), as
-    ``WeightedRandomSampler`` does, from a generator seeded by (seed, stage, epoch), so
-    identical on every process and new in every epoch of every stage. Global batch i is
-    draw[i·B : (i+1)·B] (the incomplete last batch is dropped); process r takes the r-th of
-    its world_size equal slices, so every process runs the same number of steps and the slices
-    of all processes, in rank order, are one process's batch.
-
-    Items are ``(index, sample_seed)``: the 64-bit seed of the sample's augmentation, an
-    independent random number for every (seed, stage, epoch, position in the draw), whichever
-    process or loader worker loads it (see ``data.loaders.SeededSamples``).
-    """
-
-    def __init__(self, weights: torch.Tensor, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
-        """batch_size: the global batch B, a multiple of world_size."""
-        if batch_size % world_size:
-            raise ValueError(f"the global batch {batch_size} must be divisible by the "
-                             f"{world_size} processes (flag --batch_size)")
-        self.weights = weights.double()
-        self.batch_size, self.seed = batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.stage, self.epoch, self.skip = "", 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0, stage: str = "") -> None:
-        """Select the draw of ``epoch`` of ``stage``; ``skip`` drops this process's first
-        samples, so a run resumed mid-epoch sees exactly the batches it had not trained on yet."""
-        self.stage, self.epoch, self.skip = stage, epoch, skip
-
-    def draw_seed(self) -> int:
-        """The seed of the generator that draws the indices of the selected epoch."""
-        return derive_seed(self.seed, self.stage, self.epoch, "draw")
-
-    def positions(self) -> torch.Tensor:
-        """This process's positions in the epoch's draw, in order (before ``skip``)."""
-        steps = len(self.weights) // self.batch_size
-        per_rank = self.batch_size // self.world_size
-        return torch.arange(steps * self.batch_size).view(steps, self.world_size, per_rank)[:, self.rank].flatten()
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        draw = torch.multinomial(self.weights, len(self.weights), replacement=True,
-                                 generator=torch.Generator().manual_seed(self.draw_seed()))
-        seeds = sample_seeds(len(self.weights), self.seed, self.stage, self.epoch, "augment")
-        positions = self.positions()[self.skip:]
-        return zip(draw[positions].tolist(), seeds[positions.numpy()].tolist())
-
-    def __len__(self) -> int:
-        return max(0, len(self.positions()) - self.skip)
-
-
-class ShardSampler(Sampler[int]):
-    """Every world_size-th index from ``rank``, in order, without padding: the shards of all
-    ranks together cover the dataset exactly once (evaluation must neither drop nor repeat)."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        self.indices = range(rank, n, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class _GatherRows(torch.autograd.Function):
     """all_gather with a gradient, on any backend: [n, ...] -> [world_size, n, ...]; the
     backward sums every process's gradient of the result and keeps this process's part."""
@@ -207,7 +137,8 @@ def gather_predictions(local: dict[str, torch.Tensor], info: DistInfo) -> dict[s
     if info.enabled:
         parts: list = [None] * info.world_size
         dist.all_gather_object(parts, {k: v.cpu() for k, v in local.items()})
-        local = {k: torch.cat([p[k] for p in parts]) for k in local}
+        keys = max((part.keys() for part in parts), key=len)  # a process without samples has fewer
+        local = {k: torch.cat([part[k] for part in parts if k in part]) for k in keys}
     order = torch.argsort(local["index"])
     return {k: v[order] for k, v in local.items()}
 

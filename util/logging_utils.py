@@ -1,4 +1,5 @@
-"""Run folder, console/file logging, TensorBoard and ``metrics.jsonl``.
+"""Console/file logging, TensorBoard and ``metrics.jsonl``, and what a run records of its
+environment.
 
 Every scalar goes through :meth:`RunLogger.log_scalars`, which writes the same names to
 TensorBoard and to one JSON line, so a new loss term is logged by adding it to the loss's
@@ -12,16 +13,13 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-from util.checkpoint import LAST_CHECKPOINT
 
 LOGGER_NAME = "get"
+# What RunLogger writes in its folder.
+METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"
 
 
 def get_logger() -> logging.Logger:
@@ -81,8 +79,8 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            self._jsonl = run_dir / "metrics.jsonl"
+            self._tb = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+            self._jsonl = run_dir / METRICS_FILE
 
     def log_scalars(self, scalars: Mapping[str, float], step: int) -> None:
         """Write each ``tag: value`` to TensorBoard at ``step``."""
@@ -103,59 +101,3 @@ class RunLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
-
-
-def save_json(obj: object, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-STAGES = tuple(LAST_CHECKPOINT)  # in run order
-
-
-def keeps(stage: str, epoch: int, global_step: int) -> Callable[[str, int], bool]:
-    """Whether a logged scalar (tag, step) lies before a resume point of ``stage`` at
-    (``epoch`` completed epochs, ``global_step`` steps): per-step tags ``<stage>/loss/*``
-    count steps, every other tag of the stage (and ``eval/*`` of stage 2) counts epochs."""
-    later = STAGES[STAGES.index(stage) + 1:]
-
-    def keep(tag: str, step: int) -> bool:
-        owner = "get" if tag.startswith("eval/") else tag.split("/", 1)[0]
-        if owner in later:
-            return False
-        if owner != stage:
-            return True
-        return step <= global_step if tag.startswith(f"{stage}/loss/") else step < epoch
-
-    return keep
-
-
-def truncate_logs(run_dir: Path, stage: str, epoch: int, global_step: int) -> None:
-    """Cut ``metrics.jsonl`` and the TensorBoard events back to a resume point, so that a
-    resumed run logs each epoch and step once."""
-    keep = keeps(stage, epoch, global_step)
-    jsonl = run_dir / "metrics.jsonl"
-    if jsonl.is_file():
-        lines = jsonl.read_text().splitlines()
-        kept = [line for line, r in zip(lines, map(json.loads, lines)) if keep(f"{r['stage']}/", r["epoch"])]
-        jsonl.write_text("".join(line + "\n" for line in kept))
-    old_files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    if not old_files:
-        return
-    tmp_dir = run_dir / "tensorboard" / "kept"
-    writer = EventFileWriter(str(tmp_dir))
-    for path in old_files:
-        for record in RawEventFileLoader(str(path)).Load():
-            event = Event.FromString(record)
-            values = [v for v in event.summary.value if keep(v.tag, event.step)]
-            if values:
-                del event.summary.value[:]
-                event.summary.value.extend(values)
-                writer.add_event(event)
-    writer.close()
-    (kept,) = tmp_dir.iterdir()
-    for path in old_files:
-        path.unlink()
-    # The name of the first old file: TensorBoard reads files in name order, and these
-    # events come before those of the resumed run.
-    kept.rename(old_files[0])
-    tmp_dir.rmdir()

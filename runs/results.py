@@ -2,17 +2,12 @@
 ``metrics.jsonl``, TensorBoard) and the final accuracy table (log and a JSON file)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from data.data_utils import count_skipped_images
-from data.loaders import SKIPPED_IMAGES
-from params import HEADS, SPLITS
-from util.clusters import CLUSTER_SIZES
-from util.logging_utils import get_logger, save_json
-from util.runs import Run
-
-if TYPE_CHECKING:
-    from engine import Position, Stage
+from engine import Position, Stage
+from runs.run import CLUSTER_SIZES, SKIPPED_IMAGES, Run
+from util.io import save_json
+from util.logging_utils import TENSORBOARD_DIR, get_logger
+from vocabulary import GROUPS, HEADS, SPLITS, metric_key
 
 
 def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:
@@ -41,25 +36,25 @@ def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None
 
 def format_eval(metrics: dict) -> str:
     """Rows of All/Old/New per head for each evaluated split, then how alike the two heads
-    cluster it (``util.clusters.agreement_metrics``); '' without metrics."""
+    cluster it (``evaluation.clusters.agreement_metrics``); '' without metrics."""
     rows = [f"\n    {split:<17}" + "  ".join(
-        f"{head} {metrics[f'{split}/{head}/all']:.4f}/{metrics[f'{split}/{head}/old']:.4f}/"
-        f"{metrics[f'{split}/{head}/new']:.4f}" for head in HEADS)
+        f"{head} " + "/".join(f"{metrics[metric_key(split, head, group)]:.4f}" for group in GROUPS)
+        for head in HEADS)
         + f"  agree {metrics[f'{split}/agreement/same']:.4f}/{metrics[f'{split}/agreement/matched']:.4f}"
-        for split in SPLITS if f"{split}/visual/all" in metrics]
+        for split in SPLITS if metric_key(split, HEADS[0], GROUPS[0]) in metrics]
     header = "  (All/Old/New; agree: visual and text in the same cluster, as numbered/after matching)"
     return header + "".join(rows) if rows else ""
 
 
-def report(metrics: dict, run: Run, title: str, file_name: str) -> dict:
+def record_results(metrics: dict, ground_truth: bool, run: Run, title: str, file_name: str) -> dict:
     """The final metrics to the log and to ``file_name`` in the run folder. Without ground truth
     (folder dataset, labelled/unlabelled layout) there is no accuracy, only what the clusters show."""
-    if run.args.ground_truth:
+    if ground_truth:
         get_logger().info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics))
     else:  # describe_clusters has just logged the clusters
         get_logger().info("%s: the unlabelled images have no ground truth, so there is no accuracy; their "
                           "clusters are above, their sizes in %s", title, run.dir / CLUSTER_SIZES)
-    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / "tensorboard")
+    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / TENSORBOARD_DIR)
     if run.info.is_main:
         save_json(metrics, run.dir / file_name)
     return metrics

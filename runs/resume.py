@@ -7,8 +7,10 @@ from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
-from util.checkpoint import LAST_CHECKPOINT, CheckpointError, load_checkpoint
-from util.runs import latest_run
+from errors import CheckpointError
+from runs.checkpoints import LAST_FILE, progress
+from runs.run import latest_run
+from util.io import load_checkpoint
 
 # Where things are and how this machine runs them: these may change when a run is resumed.
 # Every other flag defines the run (its data, model, schedule, seed) and must stay as saved.
@@ -45,7 +47,7 @@ def find_resume(args: Namespace, meta: dict, flags: list[str]) -> Resume | None:
     if path is None:
         return None
     checkpoint = load_checkpoint(path, expect=meta)
-    if checkpoint.get("stage") not in LAST_CHECKPOINT or "loop" not in checkpoint:
+    if checkpoint.get("stage") not in LAST_FILE or "loop" not in checkpoint:
         raise CheckpointError(f"--resume {path}: not a training checkpoint of train.py (expected "
                               "the last.pt, best.pt or tes_last.pt of a run)")
     refuse_overwriting_later_work(path, checkpoint)
@@ -65,10 +67,10 @@ def resume_path(args: Namespace) -> Path | None:
     """The file ``--resume`` means: PATH itself, or the latest state of the newest run of
     ``--exp_name`` for ``auto`` (None when there is none)."""
     if args.resume == "auto":
-        run = latest_run(args, *LAST_CHECKPOINT.values())
-        if run is None:  # the run folder's log says so (util.runs.record_start)
+        run = latest_run(args, *LAST_FILE.values())
+        if run is None:  # the run folder's log says so (runs.run.record_start)
             return None
-        return next(run / name for name in reversed(LAST_CHECKPOINT.values()) if (run / name).is_file())
+        return next(run / name for name in reversed(LAST_FILE.values()) if (run / name).is_file())
     if args.resume:
         path = Path(args.resume)
         if not path.is_file():
@@ -81,9 +83,9 @@ def resume_path(args: Namespace) -> Path | None:
 def refuse_overwriting_later_work(path: Path, checkpoint: dict) -> None:
     """Resuming continues in the file's folder and rewrites its latest states: refuse when
     one of them is further on than ``path`` (e.g. best.pt next to a later last.pt)."""
-    for stage, name in LAST_CHECKPOINT.items():
+    for stage, name in LAST_FILE.items():
         other = path.parent / name
-        if list(LAST_CHECKPOINT).index(stage) < progress(checkpoint)[0]:
+        if list(LAST_FILE).index(stage) < progress(checkpoint)[0]:
             continue  # an earlier stage's state is never further on: not worth loading
         if other.is_file() and other.resolve() != path.resolve() and \
                 progress(load_checkpoint(other)) > progress(checkpoint):
@@ -91,11 +93,6 @@ def refuse_overwriting_later_work(path: Path, checkpoint: dict) -> None:
                 f"--resume {path}: its folder holds {name}, a later point of the same run, which "
                 "resuming from this file would overwrite. Resume from that file, or copy this one "
                 "into a new folder and resume from the copy.")
-
-
-def progress(checkpoint: dict) -> tuple[int, int]:
-    """How far a run is at a checkpoint: stage 1 before stage 2, then training steps."""
-    return list(LAST_CHECKPOINT).index(checkpoint.get("stage")), checkpoint["loop"]["global_step"]
 
 
 def changed_flags(saved: dict, args: Namespace, flags: list[str]) -> dict:

@@ -1,11 +1,14 @@
 """Run folders: ``<exp_root>/<dataset>/<exp_name>-<timestamp>/``, which one a run writes to or
-resumes, where stage 2 finds the stage-1 checkpoint, and the stop request of a run."""
+resumes, where stage 2 finds the stage-1 checkpoint, and what a run holds while it runs
+(``Run``: its flags, processes, folder, logs and stop request).
+
+A run folder holds the checkpoints (runs/checkpoints.py) and the files named below.
+"""
 from __future__ import annotations
 
 import json
 import os
 import re
-import signal
 import socket
 from argparse import Namespace
 from contextlib import contextmanager
@@ -17,13 +20,24 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 import config
-from util.checkpoint import CheckpointError, remove_stale_temporaries
-from util.dist import DistInfo, barrier, broadcast_object
-from util.logging_utils import (RunLogger, environment_info, get_logger, save_json, setup_logging,
-                                truncate_logs)
+from engine import Loop
+from errors import CheckpointError, RunLockedError
+from runs.checkpoints import TES_FILE
+from runs.logs import truncate_logs
+from util.dist import DistInfo, any_rank, barrier, broadcast_object
+from util.io import remove_stale_temporaries, save_json
+from util.logging_utils import RunLogger, environment_info, get_logger, setup_logging
+from util.signals import StopSignal
 
 if TYPE_CHECKING:
-    from util.resume import Resume
+    from runs.resume import Resume
+
+# The files of a run folder besides its checkpoints.
+# (And those of its logger: util.logging_utils.METRICS_FILE and TENSORBOARD_DIR.)
+CONFIG, ENVIRONMENT, LOG = "config.json", "environment.json", "log.txt"
+FINAL_METRICS, EVAL_METRICS = "final_metrics.json", "eval_metrics.json"
+K_ESTIMATE, CLUSTER_SIZES, SKIPPED_IMAGES = "k_estimate.json", "cluster_sizes.json", "skipped_images.txt"
+RESUMES, LOCK = "resumes.jsonl", "run.lock"
 
 
 def experiment_dir(args: Namespace) -> Path:
@@ -50,10 +64,10 @@ def tes_checkpoint_path(args: Namespace, run_dir: Path | None = None) -> Path | 
     (None when there is none)."""
     if args.tes_checkpoint:
         return Path(args.tes_checkpoint)
-    if run_dir is not None and (run_dir / "tes.pt").is_file():
-        return run_dir / "tes.pt"
-    found = latest_run(args, "tes.pt")
-    return found / "tes.pt" if found else None
+    if run_dir is not None and (run_dir / TES_FILE).is_file():
+        return run_dir / TES_FILE
+    found = latest_run(args, TES_FILE)
+    return found / TES_FILE if found else None
 
 
 def find_tes_checkpoint(args: Namespace, run_dir: Path) -> Path:
@@ -67,34 +81,6 @@ def find_tes_checkpoint(args: Namespace, run_dir: Path) -> Path:
     return path
 
 
-class StopSignal:
-    """SIGINT/SIGTERM ask the run to finish its training step (or abandon its evaluation),
-    save its state and exit cleanly; a second one exits at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the caller
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second signal: exit now (a checkpoint being written is dropped)
-            raise SystemExit(128 + signum)
-        self.requested = True
-        get_logger().warning("received signal %d: stopping after the current step (a second "
-                             "signal exits at once)", signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 @dataclass
 class Run:
     """What every part of a run shares: the flags, the processes, the folder and its logs."""
@@ -106,21 +92,32 @@ class Run:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.args.device)
+        """This process's device (under torchrun, CUDA means the GPU of its local rank)."""
+        return torch.device(self.info.device(self.args.device))
+
+    def stop_requested(self) -> bool:
+        """Whether any process was asked to stop (a collective: every process must ask)."""
+        return any_rank(self.stop.requested, device=self.device)[0]
+
+    def loop(self) -> Loop:
+        """What the training loop needs of the run."""
+        return Loop(self.device, self.info, self.logger, self.stop, self.args.log_every,
+                    self.args.max_steps_per_epoch, self.args.progress)
 
 
 @contextmanager
-def open_run(args: Namespace, info: DistInfo, run_dir: Path, resume: Resume | None) -> Iterator[Run]:
+def open_run(args: Namespace, info: DistInfo, run_dir: Path, resume: Resume | None,
+             task_record: dict | None = None) -> Iterator[Run]:
     """The run, once every input is valid: its folder created (or the resumed one locked and
     cut back to the resume point), its log file, TensorBoard writer and SIGINT/SIGTERM
     handler; a failure is logged to ``log.txt`` before it propagates."""
     log = get_logger()
     with RunLock(run_dir, info) as lock, StopSignal() as stop:
-        setup_logging(run_dir / "log.txt", info.is_main).info("run folder: %s", run_dir)
+        setup_logging(run_dir / LOG, info.is_main).info("run folder: %s", run_dir)
         if lock.taken_over:
             log.warning("took over the lock of process %s, which is no longer running", lock.taken_over)
         if info.is_main:
-            record_start(args, run_dir, resume)
+            record_start(args, run_dir, resume, task_record or {})
         barrier()
         run = Run(args, info, run_dir, RunLogger(run_dir, enabled=info.is_main), stop)
         try:
@@ -132,9 +129,10 @@ def open_run(args: Namespace, info: DistInfo, run_dir: Path, resume: Resume | No
             run.logger.close()
 
 
-def record_start(args: Namespace, run_dir: Path, resume: Resume | None) -> None:
-    """A new run writes its flags and environment; a resume keeps them, cuts the logs back to
-    its checkpoint and appends what it changed to ``resumes.jsonl``."""
+def record_start(args: Namespace, run_dir: Path, resume: Resume | None, task_record: dict) -> None:
+    """A new run writes its flags with its task's class split (``Task.record``) and its
+    environment; a resume keeps them, cuts the logs back to its checkpoint and appends what it
+    changed to ``resumes.jsonl``."""
     for stale in remove_stale_temporaries(run_dir):
         get_logger().info("removed %s, left by an interrupted checkpoint write", stale.name)
     environment = environment_info(Path(__file__).resolve().parents[1])
@@ -142,8 +140,8 @@ def record_start(args: Namespace, run_dir: Path, resume: Resume | None) -> None:
         if args.resume == "auto":
             get_logger().warning("--resume auto: no run of --exp_name %s under %s to resume; "
                                  "this is a new run", args.exp_name, experiment_dir(args))
-        save_json(vars(args), run_dir / "config.json")
-        save_json(environment, run_dir / "environment.json")
+        save_json({**vars(args), **task_record}, run_dir / CONFIG)
+        save_json(environment, run_dir / ENVIRONMENT)
         return
     loop = resume.checkpoint["loop"]
     truncate_logs(run_dir, resume.stage, loop["epoch"], loop["global_step"])
@@ -153,12 +151,8 @@ def record_start(args: Namespace, run_dir: Path, resume: Resume | None) -> None:
     record = {"time": datetime.now().isoformat(timespec="seconds"), "from": str(resume.path),
               "stage": resume.stage, "epoch": loop["epoch"], "step_in_epoch": loop["step_in_epoch"],
               "changed": resume.changed, "environment": environment}
-    with open(run_dir / "resumes.jsonl", "a") as f:
+    with open(run_dir / RESUMES, "a") as f:
         f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
-
-
-class RunLockedError(RuntimeError):
-    """Another live process is writing to this run folder."""
 
 
 class RunLock:
@@ -166,7 +160,7 @@ class RunLock:
     process is refused, naming the holder; a lock whose process is dead is taken over."""
 
     def __init__(self, run_dir: Path, info: DistInfo):
-        self.path, self.held = run_dir / "run.lock", info.is_main
+        self.path, self.held = run_dir / LOCK, info.is_main
         self.taken_over = None  # the pid of a dead holder whose lock was taken over
 
     def __enter__(self) -> RunLock:

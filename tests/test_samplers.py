@@ -1,4 +1,4 @@
-"""The training sampler of util/dist.py: the weighted draw of one process, the same global
+"""The samplers of data/samplers.py: the weighted draw of one process, the same global
 batches shared out between processes, per-sample augmentation seeds, mid-epoch resume."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from util.dist import ShardSampler, WeightedEpochSampler
+from data.samplers import ShardSampler, WeightedEpochSampler
 
 WEIGHTS = torch.tensor([1.0] * 10 + [0.25] * 41, dtype=torch.float64)  # 10 labelled, 41 unlabelled
 

@@ -22,7 +22,6 @@ takes its K instead of estimating it again.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from argparse import Namespace
@@ -37,20 +36,20 @@ import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from sklearn.cluster import KMeans
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from backbone import clip_autocast
+from config import vision_image_size
 from data.augmentations import get_transforms
 from data.data_utils import skip_bad_images
-from data.get_datasets import get_class_splits, get_datasets
-from data.loaders import SKIPPED_IMAGES
-from model import clip_autocast, vision_image_size
-from util.checkpoint import load_checkpoint
-from util.cluster_and_log_utils import split_cluster_acc_v2
-from util.dist import DistInfo, ShardSampler, broadcast_object, gather_predictions
-from util.logging_utils import get_logger, save_json
-from util.resume import resume_path
+from data.get_datasets import get_datasets
+from data.samplers import ShardSampler
+from data.task import Task
+from errors import InputError
+from evaluation.accuracy import split_cluster_acc_v2
+from evaluation.predict import gather_outputs
+from util.dist import DistInfo, broadcast_object
+from util.logging_utils import get_logger
 from util.rng import derive_seed
-from util.runs import Run, tes_checkpoint_path
 
 K_ESTIMATE = "k_estimate.json"
 # k-means restarts per k (k-means++ seeding, the best inertia kept): a few guard against a bad
@@ -114,50 +113,49 @@ def brent_search(score: Callable[[int], float], k_min: int, k_max: int) -> tuple
 
 
 @torch.no_grad()
-def clip_features(clip: torch.nn.Module, dataset: Dataset, args: Namespace,
+def clip_features(clip: torch.nn.Module, dataset: Dataset, args: Namespace, device: torch.device,
                   info: DistInfo) -> dict[str, torch.Tensor]:
     """The CLIP image embedding (after the projection, L2-normalised) of every item of
     ``dataset`` (a MergedDataset: image, target, uq_idx, is_labelled), each process computing
     its shard: {'feature' [N, D] float32, 'target' [N], 'labelled' [N] bool, 'index' [N]} in
     sample order, on the CPU."""
-    device = torch.device(args.device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                         sampler=ShardSampler(len(dataset), info.rank, info.world_size),
                         generator=torch.Generator())  # the global RNG stays untouched
-    local = {key: [] for key in ("feature", "target", "labelled", "index")}
-    for images, targets, uq_idx, labelled in tqdm(loader, desc="CLIP features", leave=False,
-                                                  disable=not (args.progress and info.is_main)):
+
+    def features(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, labelled = batch
         with clip_autocast(device.type, args.amp):
-            features = clip.encode_image(images.to(device, non_blocking=True))
-        local["feature"].append(F.normalize(features.float(), dim=-1).cpu())
-        local["target"].append(targets)
-        local["labelled"].append(labelled)
-        local["index"].append(torch.as_tensor(uq_idx))
-    return gather_predictions({key: torch.cat(parts) for key, parts in local.items()}, info)
+            embedding = clip.encode_image(images.to(device, non_blocking=True))
+        return {"feature": F.normalize(embedding.float(), dim=-1), "labelled": labelled}
+
+    batches = (((images, labelled), targets, uq_idx) for images, targets, uq_idx, labelled in loader)
+    return gather_outputs(batches, features, info, total=len(loader), progress=args.progress and info.is_main,
+                          desc="CLIP features")
 
 
-def search_bounds(args: Namespace, n_images: int) -> tuple[int, int]:
+def search_bounds(task: Task, max_classes: int | None, n_images: int) -> tuple[int, int]:
     """[K_old, --max_classes (default 4 K_old, at least 20)], at most one cluster per image."""
-    k_min = args.num_labeled_classes
-    k_max = min(args.max_classes or max(4 * k_min, 20), n_images)
+    k_min = task.num_labeled_classes
+    k_max = min(max_classes or max(4 * k_min, 20), n_images)
     if k_max <= k_min:
-        raise ValueError(f"--max_classes {args.max_classes} leaves no K to search above the {k_min} old "
+        raise InputError(f"--max_classes {max_classes} leaves no K to search above the {k_min} old "
                          f"classes ({n_images} training images); give a larger --max_classes.")
     return k_min, k_max
 
 
-def estimate_k(clip: torch.nn.Module, args: Namespace, info: DistInfo,
+def estimate_k(clip: torch.nn.Module, task: Task, args: Namespace, device: torch.device, info: DistInfo,
                skip_log: Path | None = None) -> KEstimate:
-    """Estimate K for the dataset and classes of ``args`` (get_class_splits done) with the
-    frozen ``clip``. ``skip_log``: replace unreadable images, recording them there."""
+    """Estimate K for ``task`` with the frozen ``clip`` (the flags give --max_classes, the
+    batches, the seed). ``skip_log``: replace unreadable images, recording them there."""
     start = time.time()
     _, test_transform = get_transforms(image_size=vision_image_size(args.clip_model),
                                        normalization=args.normalization)
-    train_set = get_datasets(args.dataset_name, test_transform, test_transform, args)[0]
+    train_set = get_datasets(task.dataset_name, test_transform, test_transform, task)[0]
     if skip_log is not None:
         skip_bad_images([train_set], skip_log)
-    k_min, k_max = search_bounds(args, len(train_set))  # a bad --max_classes fails before the encoding
-    data = clip_features(clip, train_set, args, info)
+    k_min, k_max = search_bounds(task, args.max_classes, len(train_set))  # a bad --max_classes fails before the encoding
+    data = clip_features(clip, train_set, args, device, info)
     features, labels, labelled = (data[key].numpy() for key in ("feature", "target", "labelled"))
     get_logger().info("estimating K: k-means of the CLIP features of %d images, scored on the %d "
                       "labelled ones, Brent's search of k in [%d, %d]", len(features), labelled.sum(),
@@ -177,57 +175,3 @@ def format_estimate(estimate: KEstimate, num_old: int) -> str:
     return (f"estimated K = {estimate.k} ({num_old} old + {estimate.k - num_old} new classes): "
             f"{len(estimate.curve)} values of k evaluated in [{estimate.k_min}, {estimate.k_max}] "
             f"(a full sweep: {estimate.k_max - estimate.k_min + 1}), {estimate.seconds:.1f} s{rows}")
-
-
-def needs_estimate(args: Namespace) -> bool:
-    """Whether K is still to be estimated: --num_classes auto, or no --num_classes where the
-    new classes are unknown (folder dataset, labelled/unlabelled layout); not once it is."""
-    if getattr(args, "estimated_num_classes", None) is not None:
-        return False
-    return args.num_classes == "auto" or (args.num_classes is None and not args.ground_truth)
-
-
-def k_from_checkpoint(args: Namespace) -> None:
-    """Where K is to be estimated but the run continues a checkpoint (--resume, --stage eval,
-    --stage get), take the checkpoint's K: the same K as before, and no second search."""
-    if not needs_estimate(args):
-        return
-    path = _continued_checkpoint(args)
-    if path is None or not path.is_file():  # a missing file is reported where it is read
-        return
-    num_classes = load_checkpoint(path).get("meta", {}).get("num_classes")
-    if num_classes is not None:
-        args.estimated_num_classes = int(num_classes)
-        get_class_splits(args)
-        get_logger().info("K = %d, as in %s (estimated there, not again)", num_classes, path)
-
-
-def _continued_checkpoint(args: Namespace) -> Path | None:
-    if args.resume:
-        return resume_path(args)
-    if args.stage == "eval":
-        return Path(args.eval_checkpoint)
-    return tes_checkpoint_path(args) if args.stage == "get" else None
-
-
-def estimate_for_run(run: Run, clip: torch.nn.Module) -> None:
-    """Estimate K before anything trains where it is to be estimated, set it on the run's
-    flags, and keep the record: k_estimate.json, TensorBoard and config.json."""
-    args = run.args
-    if not needs_estimate(args):
-        return
-    skip_log = run.dir / SKIPPED_IMAGES if args.skip_bad_images else None
-    estimate = estimate_k(clip, args, run.info, skip_log)
-    args.estimated_num_classes = estimate.k
-    get_class_splits(args)
-    get_logger().info("%s\n    (the accuracy-vs-k curve: %s and TensorBoard k_estimate/labelled_acc)",
-                      format_estimate(estimate, args.num_labeled_classes), run.dir / K_ESTIMATE)
-    if run.info.is_main:
-        save_json(estimate.record(), run.dir / K_ESTIMATE)
-        config_path = run.dir / "config.json"
-        saved = json.loads(config_path.read_text())
-        save_json({**saved, "estimated_num_classes": estimate.k,
-                   "num_unlabeled_classes": args.num_unlabeled_classes}, config_path)
-        for k in sorted(estimate.curve):
-            run.logger.log_scalars({"k_estimate/labelled_acc": estimate.curve[k]}, k)
-        run.logger.log_scalars({"k_estimate/k": estimate.k}, 0)

@@ -5,25 +5,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from params import HEADS
-from util.cluster_and_log_utils import branch_agreement
-from util.logging_utils import get_logger, save_json
-from util.runs import Run
+from pathlib import Path
 
-CLUSTER_SIZES = "cluster_sizes.json"
+from data.task import Task
+from evaluation.accuracy import branch_agreement
+from util.io import save_json
+from util.logging_utils import get_logger
+from vocabulary import HEADS
 
 
-def describe_clusters(preds: dict[str, dict[str, Tensor]], num_old: int, run: Run) -> dict[str, float]:
+def describe_clusters(preds: dict[str, dict[str, Tensor]], task: Task, sizes_file: Path | None) -> dict[str, float]:
     """What can be known when the classes of the unlabelled images are not (folder dataset,
-    labelled/unlabelled layout), from the predictions of each split (``engine.predict_split``),
+    labelled/unlabelled layout), from the predictions of each split (``predict_split``),
     for each head: the share of the unlabelled images in the old classes' clusters
     (0..K_old-1, which the supervised loss ties to the old classes), how many of the K clusters
     they use, and, when ``preds`` has 'test' (there: the labelled images, test transform), the
     accuracy on the labelled images (cluster = class, no matching); and how alike the two heads
     cluster each split (``agreement_metrics``). The size of every cluster goes to
-    cluster_sizes.json."""
-    unlabelled = preds["train_unlabelled"]
-    num_classes = run.args.num_labeled_classes + run.args.num_unlabeled_classes
+    ``sizes_file`` when given."""
+    unlabelled, num_old, num_classes = preds["train_unlabelled"], task.num_labeled_classes, task.num_classes
     metrics: dict[str, float] = {"train_unlabelled/n_samples": len(unlabelled["index"])}
     sizes = {head: torch.bincount(unlabelled[head], minlength=num_classes) for head in HEADS}
     for head, size in sizes.items():
@@ -35,8 +35,8 @@ def describe_clusters(preds: dict[str, dict[str, Tensor]], num_old: int, run: Ru
         for head in HEADS:
             metrics[f"train_labelled/{head}/acc"] = float((labelled[head] == labelled["target"]).double().mean())
     metrics.update(agreement_metrics(preds))
-    if run.info.is_main:
-        save_json({head: size.tolist() for head, size in sizes.items()}, run.dir / CLUSTER_SIZES)
+    if sizes_file is not None:
+        save_json({head: size.tolist() for head, size in sizes.items()}, sizes_file)
     get_logger().info("clusters of the unlabelled images (no ground truth: no accuracy; best.pt is the "
                       "last epoch):%s\n    sizes (fused): %s", format_clusters(metrics, num_classes),
                       " ".join(map(str, sizes["fused"].tolist())))
@@ -45,7 +45,7 @@ def describe_clusters(preds: dict[str, dict[str, Tensor]], num_old: int, run: Ru
 
 def agreement_metrics(preds: dict[str, dict[str, Tensor]]) -> dict[str, float]:
     """{'<split>/agreement/<same|matched>': share} of each split's predictions
-    (``engine.predict_split``): how alike the visual and text heads cluster it, without labels
+    (``predict_split``): how alike the visual and text heads cluster it, without labels
     (``branch_agreement``)."""
     metrics = {}
     for split, split_preds in preds.items():

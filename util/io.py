@@ -1,13 +1,15 @@
-"""Checkpoints: atomic writes and safe loads.
+"""Files that survive a kill and never run code: atomic writes, safe checkpoint loads, JSON.
 
 Every checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
 with ``torch.load(weights_only=True)`` and never executes pickled code. Writes go to a
 temporary file in the same folder and are renamed into place, so a run killed at any moment
-leaves either the previous complete checkpoint or the new complete one, never a torn file.
+leaves either the previous complete file or the new complete one, never a torn file. (What a
+run's checkpoints hold: runs/checkpoints.py.)
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -15,13 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or belongs to another experiment set-up."""
-
-
-# File name of each stage's latest full state in a run folder.
-LAST_CHECKPOINT = {"tes": "tes_last.pt", "get": "last.pt"}
+from errors import CheckpointError
 
 
 def _umask() -> int:
@@ -88,11 +84,6 @@ def load_checkpoint(path: str | Path, expect: Mapping[str, Any] | None = None) -
     return ckpt
 
 
-def load_stage2_checkpoint(path: str | Path, flag: str, expect: Mapping[str, Any] | None = None) -> dict:
-    """``load_checkpoint`` of a checkpoint that must hold a trained stage-2 model (``flag`` names
-    the option that gave ``path``, for the message)."""
-    ckpt = load_checkpoint(path, expect)
-    if not isinstance(ckpt, dict) or ckpt.get("stage") != "get" or "tes_projector" not in ckpt:
-        raise CheckpointError(f"{flag} {path} is not a stage-2 checkpoint: pass last.pt or best.pt of a run "
-                              "that trained stage 2 (tes.pt and tes_last.pt hold stage 1 only)")
-    return ckpt
+def save_json(obj: object, path: Path) -> None:
+    """``obj`` as indented JSON (keys sorted; anything else JSON lacks as its str)."""
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
+from evaluation.predict import Batch, frozen_batches
 from util.logging_utils import get_logger
-from util.runs import Run
 
 
 class EvalCache:
@@ -26,19 +26,19 @@ class EvalCache:
         self.built, self.full, self.size, self.device = False, False, 0, None
         self.rest: DataLoader | None = None  # the split's uncached batches, once built
 
-    def batches_of(self, model, loader: DataLoader, run: Run) -> Iterator[tuple[Tensor, ...]]:
-        """Every batch of ``loader``, in order, as (tokens, tes_out, targets, uq_idx)."""
+    def batches_of(self, model, loader: DataLoader, device: torch.device) -> Iterator[Batch]:
+        """Every batch of ``loader``, in order, as ((tokens, tes_out), targets, uq_idx)."""
         if not self.built:
             self.batches, self.full, self.size = [], False, 0
-            yield from self._build(model, loader, run)
+            yield from self._build(model, loader, device)
             return
         for tokens, tes_out, targets, uq_idx in self.batches:
-            yield tokens.to(run.device, non_blocking=True), tes_out.to(run.device, non_blocking=True), targets, uq_idx
-        yield from frozen_batches(model, self.rest or [], run)
+            yield (tokens.to(device, non_blocking=True), tes_out.to(device, non_blocking=True)), targets, uq_idx
+        yield from frozen_batches(model, self.rest or [], device)
 
-    def _build(self, model, loader: DataLoader, run: Run) -> Iterator[tuple[Tensor, ...]]:
-        for batch in frozen_batches(model, loader, run):
-            self._store(batch, run.device)
+    def _build(self, model, loader: DataLoader, device: torch.device) -> Iterator[Batch]:
+        for batch in frozen_batches(model, loader, device):
+            self._store(batch, device)
             yield batch
         self.built = True
         cached = sum(len(batch[2]) for batch in self.batches)
@@ -47,8 +47,9 @@ class EvalCache:
                           "evaluations skip the frozen blocks and the TES", self.name, cached,
                           len(loader.sampler), self.size / 2**30, self.device or "no")
 
-    def _store(self, batch: tuple[Tensor, ...], device: torch.device) -> None:
-        size = sum(t.numel() * t.element_size() for t in batch[:2])
+    def _store(self, batch: Batch, device: torch.device) -> None:
+        (tokens, tes_out), targets, uq_idx = batch
+        size = tokens.nbytes + tes_out.nbytes
         if self.full or self.size + size > self.budget:
             self.full = True  # the cache stays a prefix of the split's batches
             return
@@ -56,17 +57,11 @@ class EvalCache:
             on_gpu = device.type == "cuda" and self.budget <= torch.cuda.mem_get_info(device)[0] / 2
             self.device = device if on_gpu else torch.device("cpu")
         if self.device.type == "cpu" and device.type == "cuda":  # pinned: copied back asynchronously
-            stored = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in batch[:2]]
+            stored = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in (tokens, tes_out)]
         else:
-            stored = [t.to(self.device) for t in batch[:2]]
-        self.batches.append((*stored, *batch[2:]))
+            stored = [t.to(self.device) for t in (tokens, tes_out)]
+        self.batches.append((*stored, targets, uq_idx))
         self.size += size
-
-
-def frozen_batches(model, loader, run: Run) -> Iterator[tuple[Tensor, ...]]:
-    """(tokens, tes_out, targets, uq_idx) of each batch of ``loader``, computed."""
-    for images, targets, uq_idx in loader:
-        yield (*model.frozen_part(images.to(run.device, non_blocking=True)), targets, uq_idx)
 
 
 def rest_of(loader: DataLoader, skip: int) -> DataLoader | None:

@@ -1,4 +1,4 @@
-"""Clustering accuracy for GCD with Hungarian matching (GET_SPEC.md section 1, "v2").
+"""Clustering accuracy for GCD with Hungarian matching (docs/method.md, "Evaluation").
 
 One assignment of cluster ids to classes is computed on ALL samples
 (``scipy.optimize.linear_sum_assignment`` maximising the matched counts);

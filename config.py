@@ -33,6 +33,7 @@ format adds one).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -41,60 +42,62 @@ REPO_ROOT = Path(__file__).resolve().parent
 ENV_PREFIX = "GET_"
 MODEL_CONFIG_DIR = REPO_ROOT / "model_configs"
 
-DATASET_NAMES: tuple[str, ...] = (
-    "cifar10",
-    "cifar100",
-    "imagenet_100",
-    "imagenet_1k",
-    "cub",
-    "scars",
-    "aircraft",
-    "herbarium_19",
-    "digits",
-    "folder",  # your own images: class folders (data/folder.py)
-)
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset train.py knows: where its reader is, and where its files are."""
+    reader: str               # "module:name" of its data.data_utils.DatasetSource (or, for the
+                              # folder dataset, of the function that makes one from its root)
+    env: str | None = None    # its root comes from GET_<env>_ROOT; None: built in, no files
+    folder: str | None = None  # the default root: ./datasets/<folder>
 
-# Datasets that are generated in memory and therefore read nothing from disk.
-BUILTIN_DATASETS: tuple[str, ...] = ("digits",)
 
-# dataset name -> (environment variable suffix, default folder under ./datasets).
-# Both ImageNet variants read the same ImageNet-1k folder.
-_ROOTS: dict[str, tuple[str, str]] = {
-    "cifar10": ("CIFAR10", "cifar10"),
-    "cifar100": ("CIFAR100", "cifar100"),
-    "imagenet_100": ("IMAGENET", "imagenet"),
-    "imagenet_1k": ("IMAGENET", "imagenet"),
-    "cub": ("CUB", "cub"),
-    "scars": ("SCARS", "stanford_cars"),
-    "aircraft": ("AIRCRAFT", "fgvc-aircraft-2013b"),
-    "herbarium_19": ("HERB19", "herbarium_19"),
-    "folder": ("FOLDER", "folder"),
+# Every dataset of --dataset_name. A new one: a module under data/ with its reader, and a line
+# here (docs/extending.md). Both ImageNet variants read the same ImageNet-1k folder.
+DATASETS: dict[str, Dataset] = {
+    "cifar10": Dataset("data.cifar:CIFAR10", "CIFAR10", "cifar10"),
+    "cifar100": Dataset("data.cifar:CIFAR100", "CIFAR100", "cifar100"),
+    "imagenet_100": Dataset("data.imagenet:IMAGENET_100", "IMAGENET", "imagenet"),
+    "imagenet_1k": Dataset("data.imagenet:IMAGENET_1K", "IMAGENET", "imagenet"),
+    "cub": Dataset("data.cub:CUB", "CUB", "cub"),
+    "scars": Dataset("data.scars:SCARS", "SCARS", "stanford_cars"),
+    "aircraft": Dataset("data.aircraft:AIRCRAFT", "AIRCRAFT", "fgvc-aircraft-2013b"),
+    "herbarium_19": Dataset("data.herbarium_19:HERBARIUM_19", "HERB19", "herbarium_19"),
+    "digits": Dataset("data.digits:DIGITS"),                            # scikit-learn's, in memory
+    "folder": Dataset("data.folder:folder_source", "FOLDER", "folder"),  # your own images
 }
 
 
-def check_dataset_name(name: str) -> None:
-    """Raise ValueError naming the valid choices if ``name`` is not a known dataset."""
-    if name not in DATASET_NAMES:
+def dataset_names() -> tuple[str, ...]:
+    return tuple(DATASETS)
+
+
+def check_dataset_name(name: str) -> Dataset:
+    """The entry of dataset ``name``; ValueError naming the valid choices if it is unknown."""
+    if name not in DATASETS:
         raise ValueError(
-            f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASET_NAMES)} "
+            f"Unknown dataset name {name!r}; expected one of: {', '.join(DATASETS)} "
             "(set it with --dataset_name)."
         )
+    return DATASETS[name]
 
 
-def _root_entry(name: str) -> tuple[str, str]:
-    """(env suffix, default folder) of a dataset that lives on disk; ValueError otherwise."""
-    check_dataset_name(name)
-    if name in BUILTIN_DATASETS:
+def is_builtin(name: str) -> bool:
+    """Whether dataset ``name`` is made in memory and reads no file."""
+    return check_dataset_name(name).env is None
+
+
+def _root_entry(name: str) -> Dataset:
+    """The entry of a dataset that lives on disk; ValueError otherwise."""
+    if is_builtin(name):
         raise ValueError(
-            f"Dataset {name!r} is built into scikit-learn and has no root folder; "
-            "--data_root is ignored for it."
+            f"Dataset {name!r} is built in and has no root folder; --data_root is ignored for it."
         )
-    return _ROOTS[name]
+    return DATASETS[name]
 
 
 def root_env_var(name: str) -> str:
     """Name of the environment variable that sets the root of dataset ``name``."""
-    return f"{ENV_PREFIX}{_root_entry(name)[0]}_ROOT"
+    return f"{ENV_PREFIX}{_root_entry(name).env}_ROOT"
 
 
 def _from_env(variable: str) -> Path | None:
@@ -105,10 +108,10 @@ def _from_env(variable: str) -> Path | None:
 
 def dataset_root(name: str, override: str | os.PathLike | None = None) -> Path:
     """Root folder of dataset ``name``: ``override``, else its ``GET_*_ROOT``, else ./datasets/<dir>."""
-    _, folder = _root_entry(name)
+    entry = _root_entry(name)
     if override is not None and str(override) != "":
         return Path(override).expanduser()
-    return _from_env(root_env_var(name)) or REPO_ROOT / "datasets" / folder
+    return _from_env(root_env_var(name)) or REPO_ROOT / "datasets" / entry.folder
 
 
 def output_root(override: str | os.PathLike | None = None) -> Path:

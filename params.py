@@ -27,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     switch = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default="cub", choices=config.DATASET_NAMES,
+    g.add_argument("--dataset_name", default="cub", choices=config.dataset_names(),
                    help="benchmark dataset (digits: the built-in demo; folder: your own images)")
     g.add_argument("--data_root", default=None,
                    help="dataset folder; default: the GET_<NAME>_ROOT variable or ./datasets/<name>")

@@ -141,7 +141,7 @@ def stage2(run: Run, task: Task, clip, projector: dict, data: Loaders, checkpoin
     net = wrap_ddp(torch.compile(model) if args.compile else model, run.info)
     teacher_temp = partial(teacher_temperature, warmup_temp=args.warmup_teacher_temp,
                            final_temp=args.teacher_temp, warmup_epochs=args.warmup_teacher_temp_epochs)
-    step = GETStep(net, run.info, teacher_temp, args.sup_weight, args.memax_weight, args.cico_weight)
+    step = GETStep.from_flags(net, run.info, teacher_temp, args)
     optimizer = sgd_cosine(model.trainable_parameters(), args.lr, args.epochs, args.momentum, args.weight_decay)
     meta = {**task_meta(task, args.clip_model, args.n_words), **config.meta()}
     stage = Stage(STAGE2, model, step, *optimizer, args.epochs, meta, run.dir / LAST_FILE[STAGE2],

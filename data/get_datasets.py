@@ -29,6 +29,7 @@ are an empty list and K comes from ``--num_classes`` or its estimate.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Callable
 
@@ -36,33 +37,22 @@ import numpy as np
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
 import config
-from data.aircraft import AIRCRAFT
-from data.cifar import CIFAR10, CIFAR100
-from data.cub import CUB
 from data.data_utils import NO_LABEL, DatasetSource, GCDDataset, MergedDataset, RawSplit, dataset_not_found
-from data.digits import DIGITS
-from data.folder import NAME as FOLDER, folder_source
-from data.herbarium_19 import HERBARIUM_19
-from data.imagenet import IMAGENET_100, IMAGENET_1K
-from data.scars import SCARS
 from errors import InputError
-
-SOURCES: dict[str, DatasetSource] = {
-    source.name: source
-    for source in (CIFAR10, CIFAR100, IMAGENET_100, IMAGENET_1K, CUB, SCARS, AIRCRAFT, HERBARIUM_19, DIGITS)
-}
 
 
 def get_source(dataset_name: str, data_root: str | None = None, old_classes: str | None = None) -> DatasetSource:
-    """The reader of ``dataset_name``; ValueError listing the valid names otherwise.
+    """The reader of ``dataset_name``, from its entry in ``config.DATASETS``; ValueError listing
+    the valid names otherwise.
 
-    The folder dataset has no fixed classes: its reader is made from the folders under its
-    root and ``old_classes`` (the --old_classes flag; data/folder.py).
+    The folder dataset has no fixed classes: its entry names a function that makes its reader
+    from the folders under its root and ``old_classes`` (the --old_classes flag; data/folder.py).
     """
-    config.check_dataset_name(dataset_name)
-    if dataset_name == FOLDER:
-        return folder_source(dataset_folder(dataset_name, data_root), old_classes)
-    return SOURCES[dataset_name]
+    module, name = config.check_dataset_name(dataset_name).reader.split(":")
+    reader = getattr(importlib.import_module(module), name)
+    if isinstance(reader, DatasetSource):
+        return reader
+    return reader(dataset_folder(dataset_name, data_root), old_classes)
 
 
 def class_split(dataset_name: str, data_root: str | None = None,
@@ -75,7 +65,7 @@ def class_split(dataset_name: str, data_root: str | None = None,
 
 def dataset_folder(dataset_name: str, data_root: str | None) -> Path | None:
     """Root folder (--data_root, else GET_*_ROOT, else default); None for built-in datasets."""
-    if dataset_name in config.BUILTIN_DATASETS:
+    if config.is_builtin(dataset_name):
         return None
     return config.dataset_root(dataset_name, data_root)
 

@@ -5,7 +5,7 @@ step that computes it (docs/method.md, "Stage 2").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -76,6 +76,14 @@ def get_loss(
     return total + cico_weight * cico, components
 
 
+# The flags that weigh get_loss's terms: its keyword arguments of the same names.
+LOSS_WEIGHTS = (
+    "sup_weight",
+    "memax_weight",
+    "cico_weight",
+)
+
+
 @dataclass
 class GETStep:
     """Stage 2's step: the loss of one batch.
@@ -87,11 +95,13 @@ class GETStep:
     net: nn.Module                           # model.GETModel, or its DDP / compiled wrapper
     info: DistInfo
     teacher_temp: Callable[[int], float]     # τ_t(epoch): methods.simgcd.teacher_temperature
-    sup_weight: float = 0.35
-    memax_weight: float = 1.0
-    cico_weight: float = 1.0
+    weights: dict[str, float] = field(default_factory=dict)  # get_loss's weights (default: its defaults)
+
+    @classmethod
+    def from_flags(cls, net: nn.Module, info: DistInfo, teacher_temp: Callable[[int], float], args) -> GETStep:
+        """The step with the loss weights of the flags (``LOSS_WEIGHTS``)."""
+        return cls(net, info, teacher_temp, {name: getattr(args, name) for name in LOSS_WEIGHTS})
 
     def __call__(self, images: Tensor, labels: Tensor, labelled: Tensor, epoch: int, step: int) -> Losses:
         b = gather_views({**self.net(images), "labels": labels, "labelled": labelled}, self.info)
-        return get_loss(b, b["labels"], b["labelled"], self.teacher_temp(epoch), sup_weight=self.sup_weight,
-                        memax_weight=self.memax_weight, cico_weight=self.cico_weight)
+        return get_loss(b, b["labels"], b["labelled"], self.teacher_temp(epoch), **self.weights)

@@ -319,7 +319,7 @@ def test_config_defaults_and_overrides(monkeypatch, tmp_path):
     monkeypatch.setenv("GET_OUTPUT_ROOT", str(tmp_path / "out"))
     assert config.output_root() == tmp_path / "out"
     assert config.output_root(tmp_path / "flag") == tmp_path / "flag"
-    assert set(config.DATASET_NAMES) == set(SPEC_SIZES) | {"folder"}  # folder: your own classes
+    assert set(config.dataset_names()) == set(SPEC_SIZES) | {"folder"}  # folder: your own classes
 
 
 def test_root_from_environment_variable(monkeypatch, tmp_path):

@@ -58,7 +58,7 @@ def stage_loss(stage: int, net, batch: dict, info: DistInfo):
             torch.randn(K, 32, generator=torch.Generator().manual_seed(5)), dim=-1)
         step = TESStep(net, class_text, 100.0, info)
     else:
-        step = GETStep(net, info, teacher_temp=lambda epoch: 0.05, memax_weight=2.0)
+        step = GETStep(net, info, teacher_temp=lambda epoch: 0.05, weights={"memax_weight": 2.0})
     return step(batch["images"], batch["labels"], batch["labelled"], 0, 0)
 
 

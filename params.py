@@ -15,7 +15,7 @@ import torch
 
 import config
 from util.dist import launched_world_size
-from vocabulary import parse_metric_key
+from vocabulary import STAGE1, STAGE2, parse_metric_key
 
 # Mean-entropy weight of the paper per dataset (docs/method.md, "Stage 2"); 1 elsewhere.
 MEMAX_WEIGHT = {"cifar100": 4.0, "cub": 2.0}
@@ -116,7 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="evaluation metric that selects best.pt")
 
     g = p.add_argument_group("runtime")
-    g.add_argument("--stage", default="all", choices=("tes", "get", "all", "eval"),
+    g.add_argument("--stage", default="all", choices=(STAGE1, STAGE2, "all", "eval"),
                    help="'eval' evaluates the stage-2 checkpoint given by --eval_checkpoint")
     g.add_argument("--eval_checkpoint", default=None, help="stage-2 last.pt / best.pt for --stage eval")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")

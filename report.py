@@ -27,7 +27,7 @@ from pathlib import Path
 
 from errors import USER_ERRORS, InputError
 from runs.resume import CHANGEABLE_ON_RESUME
-from vocabulary import GROUPS, HEADS, SPLITS, metric_key, parse_metric_key
+from vocabulary import GROUPS, HEADS, SPLITS, STAGE2, metric_key, parse_metric_key
 
 PUBLISHED = Path(__file__).resolve().parent / "docs" / "published_results.csv"
 # Flags that may differ between the runs of one experiment without making them different
@@ -254,7 +254,7 @@ def read_curves(run: RunRecord) -> dict[str, dict[int, float]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a killed writer
-        if record.get("stage") != "get":
+        if record.get("stage") != STAGE2:
             continue
         for key, value in record.get("eval", {}).items():
             if parse_metric_key(key):

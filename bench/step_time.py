@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.reference import ReferenceGETModel, ReferenceTESStage  # noqa: E402
-from methods.get import get_loss  # noqa: E402
+from methods.get import dual_branch_loss  # noqa: E402
 from methods.tes import tes_loss  # noqa: E402
 from backbone import load_clip  # noqa: E402
 from config import vision_depth, vision_image_size  # noqa: E402
@@ -98,7 +98,7 @@ class Workload:
 
     def stage2(self, b: dict) -> None:
         out = self.model(b["images"])  # float32
-        loss, _ = get_loss(out, b["labels"], b["labelled"], teacher_temp=0.07)
+        loss, _ = dual_branch_loss(out, b["labels"], b["labelled"], teacher_temp=0.07)
         self.update(loss)
 
     def update(self, loss: torch.Tensor) -> None:

@@ -48,7 +48,7 @@ def cico_loss(
     return loss, {"cico": loss.detach()}
 
 
-def get_loss(
+def dual_branch_loss(
     out: dict[str, torch.Tensor],
     labels: torch.Tensor,
     labelled_mask: torch.Tensor,
@@ -76,7 +76,7 @@ def get_loss(
     return total + cico_weight * cico, components
 
 
-# The flags that weigh get_loss's terms: its keyword arguments of the same names.
+# The flags that weigh dual_branch_loss's terms: its keyword arguments of the same names.
 LOSS_WEIGHTS = (
     "sup_weight",
     "memax_weight",
@@ -89,13 +89,13 @@ class GETStep:
     """Stage 2's step: the loss of one batch.
 
     The model runs on the images of both views; the rows of every process are gathered into
-    the global batch, and ``get_loss`` is taken over it with the teacher temperature of the
+    the global batch, and ``dual_branch_loss`` is taken over it with the teacher temperature of the
     epoch, so N processes compute the loss of one.
     """
     net: nn.Module                           # model.GETModel, or its DDP / compiled wrapper
     info: DistInfo
     teacher_temp: Callable[[int], float]     # τ_t(epoch): methods.simgcd.teacher_temperature
-    weights: dict[str, float] = field(default_factory=dict)  # get_loss's weights (default: its defaults)
+    weights: dict[str, float] = field(default_factory=dict)  # dual_branch_loss's weights (default: its defaults)
 
     @classmethod
     def from_flags(cls, net: nn.Module, info: DistInfo, teacher_temp: Callable[[int], float], args) -> GETStep:
@@ -104,4 +104,4 @@ class GETStep:
 
     def __call__(self, images: Tensor, labels: Tensor, labelled: Tensor, epoch: int, step: int) -> Losses:
         b = gather_views({**self.net(images), "labels": labels, "labelled": labelled}, self.info)
-        return get_loss(b, b["labels"], b["labelled"], self.teacher_temp(epoch), **self.weights)
+        return dual_branch_loss(b, b["labels"], b["labelled"], self.teacher_temp(epoch), **self.weights)

@@ -11,7 +11,7 @@ import torch
 import model
 from backbone import load_clip
 from bench.reference import ReferenceGETModel, ReferenceTESStage
-from methods.get import get_loss
+from methods.get import dual_branch_loss
 from methods.tes import tes_loss
 
 TINY, K, B = "GET-tiny", 6, 4
@@ -57,7 +57,7 @@ def stage1_twins():
 
 
 def stage2_loss(net, b: dict):
-    return get_loss(net(b["images"]), b["labels"], b["labelled"], teacher_temp=0.05)
+    return dual_branch_loss(net(b["images"]), b["labels"], b["labelled"], teacher_temp=0.05)
 
 
 def stage1_loss(stage, b: dict):

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from methods.get import cico_loss, get_loss
+from methods.get import cico_loss, dual_branch_loss
 from methods.simgcd import (
     branch_loss,
     info_nce,
@@ -387,7 +387,7 @@ def test_get_loss_is_sum_of_parts():
     gen, labels, mask = make_batch(11, [0, 3], [2, 2])
     out = make_model_output(gen)
     temp = teacher_temperature(3)
-    total, parts = get_loss(out, labels, mask, temp, memax_weight=4.0, cico_weight=0.5)
+    total, parts = dual_branch_loss(out, labels, mask, temp, memax_weight=4.0, cico_weight=0.5)
     lab, lm = labels.tolist(), mask.tolist()
     visual = ref_branch(out["v_logits"], out["v_proj"], lab, lm, temp, 0.35, 4.0)
     text = ref_branch(out["t_logits"], out["t_proj"], lab, lm, temp, 0.35, 4.0)
@@ -406,7 +406,7 @@ def test_get_loss_is_sum_of_parts():
 def test_get_loss_without_labelled_rows_is_finite():
     gen, labels, mask = make_batch(12, [], [])
     out = make_model_output(gen)
-    total, parts = get_loss(out, labels, mask, teacher_temperature(0))
+    total, parts = dual_branch_loss(out, labels, mask, teacher_temperature(0))
     assert torch.isfinite(total)
     for name in ("visual/cls", "visual/supcon", "text/cls", "text/supcon", "cico"):
         assert parts[name] == 0
@@ -418,10 +418,10 @@ def test_get_loss_without_labelled_rows_is_finite():
 def test_float32_follows_input_dtype():
     gen, labels, mask = make_batch(14, [0, 1], [0, 1])
     out = {k: v.detach().float().requires_grad_() for k, v in make_model_output(gen).items()}
-    total, _ = get_loss(out, labels, mask, 0.07)
+    total, _ = dual_branch_loss(out, labels, mask, 0.07)
     assert total.dtype == torch.float32
     out64 = {k: v.detach().double() for k, v in out.items()}
-    torch.testing.assert_close(total.double(), get_loss(out64, labels, mask, 0.07)[0],
+    torch.testing.assert_close(total.double(), dual_branch_loss(out64, labels, mask, 0.07)[0],
                                rtol=1e-4, atol=1e-4)
 
 
@@ -432,7 +432,7 @@ def test_float32_extreme_inputs_are_finite():
            for k, v in make_model_output(gen).items()}
     f, t = (torch.randn(2 * B, D, generator=gen).mul(1e4).requires_grad_() for _ in range(2))
     class_text = torch.nn.functional.normalize(torch.randn(K, D, generator=gen), dim=1)
-    stage2, parts2 = get_loss(out, labels, mask, 0.04)
+    stage2, parts2 = dual_branch_loss(out, labels, mask, 0.04)
     stage1, parts1 = tes_loss(f, t, 100.0, labels, mask, class_text)
     assert all(torch.isfinite(v) for v in [stage1, stage2, *parts1.values(), *parts2.values()])
     (stage1 + stage2).backward()

@@ -21,7 +21,7 @@ import config
 import engine
 import model
 from bench.reference import ReferenceGETModel, ReferenceTESStage
-from methods.get import get_loss
+from methods.get import dual_branch_loss
 from methods.tes import tes_loss
 from open_clip.transformer import QuickGELU
 
@@ -492,7 +492,7 @@ def test_amp_losses_are_float32_and_gradients_finite(tokenizer):
     net = model.GETModel(clip, make_tes(clip, tokenizer), num_classes=5, grad_from_block=2,
                          head=model.HeadConfig(hidden_dim=128, bottleneck_dim=32), amp=True)
     b = labelled_batch()
-    loss, components = get_loss(net(b["images"]), b["labels"], b["labelled"], teacher_temp=0.07)
+    loss, components = dual_branch_loss(net(b["images"]), b["labels"], b["labelled"], teacher_temp=0.07)
     assert loss.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in components.values()), components
     loss.backward()

@@ -182,8 +182,8 @@ def test_a_crash_reason_reaches_log_txt_and_says_what_is_true(tmp_path, cub_root
         total, parts = real(out, *args, **kwargs)
         return total * float("nan"), parts
 
-    real = methods.get.get_loss
-    monkeypatch.setattr(methods.get, "get_loss", nan_loss)
+    real = methods.get.dual_branch_loss
+    monkeypatch.setattr(methods.get, "dual_branch_loss", nan_loss)
     with pytest.raises(NonFiniteLossError, match="No checkpoint of stage 'get' had been written yet"):
         train.main(tiny_argv(tmp_path, cub_root))
     log = (run_dirs(tmp_path)[0] / "log.txt").read_text()

@@ -96,7 +96,7 @@ def test_sigkill_mid_run_then_resume_auto_matches_uninterrupted(tmp_path, cub_ro
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cub_root, monkeypatch):
-    real, seen = methods.get.get_loss, {"calls": 0}
+    real, seen = methods.get.dual_branch_loss, {"calls": 0}
 
     def nan_in_epoch_1(out, *args, **kwargs):
         seen["calls"] += 1
@@ -108,7 +108,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cub_root
             total = total + parts["cico"]
         return total, parts
 
-    monkeypatch.setattr(methods.get, "get_loss", nan_in_epoch_1)
+    monkeypatch.setattr(methods.get, "dual_branch_loss", nan_in_epoch_1)
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 1 .*cico=nan"):
         train.main(tiny_argv(tmp_path, cub_root, "--epochs", "3"))
     last, digest = seen["last"]

@@ -81,7 +81,7 @@ def test_resume_auto_picks_the_newest_run_of_exactly_this_name(tmp_path):
 
 def interrupt_at_call(monkeypatch, call: int) -> None:
     """Send SIGTERM to this process while stage 2 computes its ``call``-th loss."""
-    real, calls = methods.get.get_loss, {"n": 0}
+    real, calls = methods.get.dual_branch_loss, {"n": 0}
 
     def loss_then_signal(*args, **kwargs):
         calls["n"] += 1
@@ -89,7 +89,7 @@ def interrupt_at_call(monkeypatch, call: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(methods.get, "get_loss", loss_then_signal)
+    monkeypatch.setattr(methods.get, "dual_branch_loss", loss_then_signal)
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

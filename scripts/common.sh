@@ -23,7 +23,7 @@ root = config.dataset_root(name, override)
 if not root.is_dir():
     sys.exit(f"[{name}] dataset folder not found: {root}\n"
              f"Put the dataset there, set {config.root_env_var(name)}=/path/to/it, or pass "
-             f"--data_root /path/to/it (see README, 'Datasets').")
+             f"--data_root /path/to/it (see docs/datasets.md).")
 PYEOF
 }
 

@@ -103,9 +103,9 @@ def test_demo_seeds_draw_their_own_augmentations_and_results(tmp_path):
     views = list(first_views.values())
     assert all(not torch.equal(a, b) for i, a in enumerate(views) for b in views[i + 1:])
 
-    # Three very short runs (1 + 2 epochs): measured visual All 0.780 / 0.727 / 0.786.
-    results = [train.main(flags + ["--tes_epochs", "1", "--epochs", "2", "--eval_every", "2", "--seed", str(seed),
-                                   "--exp_name", f"seed{seed}"])
+    # Three very short runs (8 steps per stage): measured visual All 0.566 / 0.509 / 0.594.
+    results = [train.main(flags + ["--tes_epochs", "1", "--epochs", "1", "--max_steps_per_epoch", "8",
+                                   "--seed", str(seed), "--exp_name", f"seed{seed}"])
                for seed in (0, 1, 2)]
     visual = [r["train_unlabelled/visual/all"] for r in results]
     assert len({tuple(round(v, 6) for v in r.values()) for r in results}) == 3, visual

@@ -215,13 +215,6 @@ def test_shipped_imagenet_names():
     assert class_names(Namespace(dataset_name="imagenet_1k", class_names="tidy"))[7] == "rooster"
 
 
-def test_shipped_imagenet_names_match_reference_file():
-    shared = Path(config.REPO_ROOT).parent / "shared" / "reference" / "class_names" / "imagenet_classes.txt"
-    if not shared.is_file():
-        pytest.skip(f"{shared} is absent")
-    assert (Path(config.REPO_ROOT) / "data" / "imagenet_classes.txt").read_bytes() == shared.read_bytes()
-
-
 def test_class_names_flag():
     assert params.parse_args(["--device", "cpu"]).class_names == "reference"
     assert params.parse_args(["--device", "cpu", "--class_names", "tidy"]).class_names == "tidy"

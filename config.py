@@ -36,8 +36,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
-
 REPO_ROOT = Path(__file__).resolve().parent
 ENV_PREFIX = "GET_"
 MODEL_CONFIG_DIR = REPO_ROOT / "model_configs"
@@ -130,6 +128,8 @@ def register_model_configs() -> None:
     text tower (width 32, 16 tokens), the architecture of the demo's pretrained weights
     ``weights/GET-tiny-digits.pt`` (scripts/pretrain_tiny_clip.py).
     """
+    import open_clip  # here, not at the top: the scripts' dataset check imports this module alone
+
     known = set(open_clip.list_models())
     if any(path.stem not in known for path in MODEL_CONFIG_DIR.glob("*.json")):
         open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -137,6 +137,8 @@ def register_model_configs() -> None:
 
 def clip_vision_config(model_name: str) -> dict:
     """The image-encoder config of an open_clip architecture (``ViT-B/16`` or ``ViT-B-16``)."""
+    import open_clip
+
     register_model_configs()
     cfg = open_clip.get_model_config(model_name.replace("/", "-"))
     if cfg is None:

@@ -2,7 +2,10 @@
 split where training starts, and CLIP's text embeddings of class names.
 
 * ``load_clip`` builds a frozen fp32 open_clip CLIP (ViT-B/16 with OpenAI weights by default,
-  or an architecture of ``model_configs/`` such as the demo's ``GET-tiny-digits``);
+  or an architecture of ``model_configs/`` such as the demo's ``GET-tiny-digits``); its
+  weights are read by ``read_clip_weights``, which never runs code a file carries (no
+  ``torch.jit.load``, no ``torch.load`` without ``weights_only``); ``is_local_weights`` tells a
+  file from a tag;
 * ``clip_autocast`` is the one precision switch: bf16 autocast covers the CLIP encoders only;
   the text mapping, the heads and (in the callers) the losses run in fp32;
 * ``visual_trunk`` / ``visual_tail`` / ``visual_project`` split the image encoder at
@@ -15,9 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
-import pickle
-import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
 
@@ -29,6 +31,8 @@ from torch import Tensor, nn
 
 import config
 from errors import CheckpointError
+from util.io import unreadable_reason
+from util.torchscript import read_torchscript_tensors
 from util.rng import seed_everything
 
 # Non-weight entries of OpenAI's TorchScript checkpoints.
@@ -59,24 +63,33 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str | None = "openai",
 
     QuickGELU (the activation of OpenAI's CLIP) is used unless the pretrained tag says its
     weights were trained without it: local files are taken to hold OpenAI weights, as in GET.
+    Weights are read here, never by open_clip (see ``read_clip_weights``): nothing in the file
+    is run.
     """
     model_name = model_name.replace("/", "-")
     config.vision_depth(model_name)  # clear error for unknown or non-ViT architectures (registers ours)
     checkpoint, quick_gelu = _resolve_pretrained(model_name, pretrained, cache_dir)
-    try:
-        jit_archive = checkpoint is not None and _is_torchscript_archive(checkpoint)
-        clip = open_clip.create_model(model_name, pretrained=None if jit_archive else checkpoint,
-                                      precision="fp32", device=device, force_quick_gelu=quick_gelu)
-        if jit_archive:
-            _load_torchscript_weights(clip, checkpoint)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise CheckpointError(
-            f"--pretrained: could not read the CLIP weights in {checkpoint} ({type(err).__name__}: "
-            f"{err}). The file may be truncated or not a {model_name} checkpoint; download it "
-            "again or pass another file") from err
+    with _no_random_init_notice(checkpoint is not None):
+        clip = open_clip.create_model(model_name, pretrained=None, precision="fp32",
+                                      device=device, force_quick_gelu=quick_gelu)
+    if checkpoint is not None:
+        _load_weights(clip, checkpoint, model_name)
     check_supported_clip(clip)
     clip.requires_grad_(False)
     return clip.eval()
+
+
+def is_local_weights(pretrained: str | None, model_name: str = "ViT-B-16") -> bool:
+    """True when ``--pretrained`` names a file (neither an open_clip tag of ``model_name`` nor
+    'none' / ''), i.e. when ``load_clip`` would read a local path.
+
+    A path stored in a checkpoint's config was chosen on the machine that wrote it; callers use
+    this to load such a path only when the user names it again.
+    """
+    if not pretrained or pretrained.lower() == "none":
+        return False
+    config.register_model_configs()
+    return not open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
 
 
 def _resolve_pretrained(model_name: str, pretrained: str | None,
@@ -105,6 +118,76 @@ def _resolve_pretrained(model_name: str, pretrained: str | None,
         "existing checkpoint file, a tag such as 'openai', or 'none' for random init")
 
 
+@contextlib.contextmanager
+def _no_random_init_notice(weights_follow: bool):
+    """Hide open_clip's "Model initialized randomly" warning when weights are loaded next."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()  # open_clip logs through the root logger
+    if weights_follow:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _load_weights(clip: nn.Module, path: str, model_name: str) -> None:
+    """Copy the CLIP weights of ``path`` into ``clip`` (strict key match); any failure is a
+    CheckpointError naming --pretrained and what is expected."""
+    try:
+        state = read_clip_weights(path)
+        non_persistent = set(dict(clip.named_buffers())) - set(clip.state_dict())
+        skip = set(_OPENAI_METADATA_KEYS) | non_persistent
+        clip.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=True)
+    except CheckpointError as err:  # a file of a kind that is refused, read or not
+        raise CheckpointError(f"--pretrained: not reading the CLIP weights in {path}: {err}. "
+                              f"{_EXPECTED_WEIGHTS}") from err
+    except Exception as err:  # torch, zipfile, pickle and safetensors raise many types
+        raise CheckpointError(
+            f"--pretrained: could not read the CLIP weights in {path} ({unreadable_reason(err)}). "
+            f"The file may be truncated or damaged, or not a {model_name} checkpoint. "
+            f"{_EXPECTED_WEIGHTS}; a file that carries code or other objects is refused, because "
+            "loading it could run that code. Download it again or pass another file") from err
+
+
+_EXPECTED_WEIGHTS = ("Expected an open_clip / OpenAI state dict (.pt, .pth, .bin or .safetensors), "
+                     "OpenAI's TorchScript ViT-B-16.pt, or an open_clip tag such as 'openai'")
+
+
+def read_clip_weights(path: str) -> dict[str, Tensor]:
+    """The state dict in a CLIP weights file, read without running anything in it.
+
+    open_clip's own reader is not used: it sends .npy / .npz files to its big_vision (SigLIP)
+    converter, and retries ``torch.load`` without ``weights_only`` when the safe load raises
+    TypeError, which runs pickled code on torch < 2.6. TorchScript archives (OpenAI's original
+    checkpoints) are read by ``util.torchscript.read_torchscript_tensors``, never by ``torch.jit.load``.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in (".npy", ".npz"):
+        raise CheckpointError(f"it is a {suffix} file (numpy / big_vision weights), which is not "
+                              "read")
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file  # a dependency of open_clip
+        return load_file(path, device="cpu")
+    if _is_torchscript_archive(path):
+        return read_torchscript_tensors(path)
+    return _state_dict_of(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _state_dict_of(loaded: object) -> dict[str, Tensor]:
+    """The state dict in what torch.load returned: itself, or its 'state_dict' entry (open_clip
+    training checkpoints), with DataParallel's 'module.' prefix removed."""
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict) or not loaded:
+        raise CheckpointError(f"it holds a {type(loaded).__name__}, not a dict of tensors")
+    if all(isinstance(k, str) and k.startswith("module.") for k in loaded):
+        loaded = {k[len("module."):]: v for k, v in loaded.items()}
+    return loaded
+
+
 def _is_torchscript_archive(path: str) -> bool:
     """True for a TorchScript zip (OpenAI's original checkpoints), which torch.load refuses
     with weights_only=True."""
@@ -112,17 +195,6 @@ def _is_torchscript_archive(path: str) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("constants.pkl") for name in archive.namelist())
-
-
-def _load_torchscript_weights(clip: nn.Module, path: str) -> None:
-    """Copy the weights of a TorchScript CLIP archive into ``clip`` (strict key match)."""
-    with warnings.catch_warnings():
-        # torch.jit.load is deprecated, but it is the only reader of these archives.
-        warnings.simplefilter("ignore", FutureWarning)
-        state = torch.jit.load(path, map_location="cpu").state_dict()
-    non_persistent = set(dict(clip.named_buffers())) - set(clip.state_dict())
-    skip = set(_OPENAI_METADATA_KEYS) | non_persistent
-    clip.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=True)
 
 
 def check_supported_clip(clip: nn.Module) -> None:

@@ -17,7 +17,8 @@ class ImageLoadError(OSError):
 
 
 class ImageCacheError(OSError):
-    """The image cache cannot be built (no room on its disk); the message names the flag."""
+    """The image cache cannot be built (no room on its disk, a folder that cannot be written, a
+    build stopped by SIGINT/SIGTERM); the message names the flag."""
 
 
 class NonFiniteLossError(RuntimeError):

@@ -11,9 +11,14 @@ and ``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100); the names come from
 ``label_names`` / ``fine_label_names`` of the meta file as they are
 (torchvision's ``classes``, e.g. ``aquarium_fish``).
 Splits (docs/method.md, "Data"): CIFAR-10 old = 0-4, CIFAR-100 old = 0-79.
+
+The pickles are read by an unpickler that admits only what CIFAR files hold (dicts, lists,
+strings, numbers, NumPy arrays): a tampered file is refused, naming it, instead of running
+the code it carries.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +60,50 @@ def _layout(name: str) -> str:
     return f"  {fmt.folder}/\n    {files}\n(or pass --download to fetch it with torchvision)"
 
 
-def _read_pickle(path: Path) -> dict:
-    # The batches were written by Python 2; latin1 keeps the uint8 buffers intact.
-    with open(path, "rb") as handle:
-        return pickle.load(handle, encoding="latin1")
+# Every global a CIFAR batch or meta pickle can name: NumPy's array reconstruction as NumPy 1
+# (the official files), NumPy 2 (numpy._core) and pickle protocol 5 (_frombuffer) write it, and
+# the bytes of a protocol-2 pickle written by Python 3. Anything else (a function, a class) is
+# what a tampered file needs to run code while it is unpickled, so it is refused.
+_CIFAR_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+    (f"{core}.{module}", name) for core in ("numpy.core", "numpy._core")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and NumPy arrays, nothing else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no CIFAR file holds")
+        if module.startswith(("numpy.core.", "numpy._core.")):
+            # numpy.core became numpy._core in NumPy 2: take whichever this NumPy has.
+            part = module.split(".", 2)[2]
+            for core in ("numpy._core", "numpy.core"):
+                try:
+                    return getattr(importlib.import_module(f"{core}.{part}"), name)
+                except (ImportError, AttributeError):
+                    continue
+        return super().find_class(module, name)
+
+
+def _read_pickle(name: str, root: Path, path: Path) -> dict:
+    """The dict pickled in the CIFAR file ``path``, read with ``_CifarUnpickler``; a
+    DatasetNotFoundError naming the file when it is refused or cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            # The batches were written by Python 2; latin1 keeps the uint8 buffers intact.
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as error:
+        raise dataset_not_found(name, root, f"{path} cannot be read as a CIFAR file ({error}): only "
+                                "dicts, lists, strings, numbers and NumPy arrays are admitted, since a "
+                                "tampered pickle can run code. Replace it with the file of the official "
+                                "archive (or delete the folder and pass --download).",
+                                _layout(name)) from None
+    if not isinstance(entry, dict):
+        raise dataset_not_found(name, root, f"{path} holds a {type(entry).__name__}, not the dict of a CIFAR "
+                                "file. Replace it with the file of the official archive.", _layout(name))
+    return entry
 
 
 def _load_split(name: str, root: Path | None, train: bool) -> RawSplit:
@@ -68,7 +113,7 @@ def _load_split(name: str, root: Path | None, train: bool) -> RawSplit:
     require_paths(name, root, [f"{fmt.folder}/{f}" for f in files], _layout(name))
     images, targets = [], []
     for file_name in files:
-        entry = _read_pickle(root / fmt.folder / file_name)
+        entry = _read_pickle(name, root, root / fmt.folder / file_name)
         if "data" not in entry or fmt.label_key not in entry:
             raise dataset_not_found(
                 name, root, f"{root / fmt.folder / file_name} has no 'data' / '{fmt.label_key}' entry.",
@@ -85,7 +130,7 @@ def _class_names(name: str, root: Path | None) -> list[str]:
     fmt = _FORMATS[name]
     meta_path = root / fmt.folder / fmt.meta_file
     require_paths(name, root, [f"{fmt.folder}/{fmt.meta_file}"], _layout(name))
-    names = _read_pickle(meta_path).get(fmt.name_key, [])
+    names = _read_pickle(name, root, meta_path).get(fmt.name_key, [])
     if len(names) != fmt.num_classes:
         raise dataset_not_found(
             name, root, f"{meta_path} should list {fmt.num_classes} '{fmt.name_key}', found {len(names)}.",

@@ -1,6 +1,7 @@
 """Building blocks shared by every dataset module.
 
-- ``load_image``: the single place where an image file is opened.
+- ``load_image``: the single place where an image file is opened (16-bit greyscale scaled
+  to 8 bits, every mode to RGB).
 - ``DatasetNotFoundError``: the one error raised for a missing or incomplete
   dataset root; its message names the dataset, the path tried, the layout
   expected and the ``GET_*_ROOT`` variable / ``--data_root`` flag.
@@ -22,7 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 import config
-from errors import DatasetNotFoundError, ImageLoadError
+from errors import DatasetNotFoundError, ImageLoadError, InputError
+from util.logging_utils import get_logger
 
 SPLITS_DIR = Path(__file__).resolve().parent / "ssb_splits"
 
@@ -44,12 +46,24 @@ def load_image(path: str | Path, dataset_name: str) -> Image.Image:
     """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except IMAGE_ERRORS as error:
         raise ImageLoadError(
             f"Cannot read image {path} of dataset {dataset_name!r} ({error}). "
             "Replace the file or re-extract the dataset."
         ) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB. Integer greyscale deeper than 8 bits (PIL modes ``I;16*``, ``I``) is
+    scaled to 8 bits first: PIL's own conversion clips it at 255, which turns a 16-bit image
+    almost entirely white. 16-bit data maps 0..65535 to 0..255 (divided by 257, rounded); an
+    ``I`` image with larger values is scaled by its maximum, negative values become 0."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.clip(np.asarray(image).astype(np.int64), 0, None)
+        top = max(65535, int(pixels.max(initial=0)))
+        image = Image.fromarray(((pixels * 255 + top // 2) // top).astype(np.uint8))  # mode L
+    return image.convert("RGB")
 
 
 def image_header_size(path: str) -> tuple[int, int] | None:
@@ -60,6 +74,19 @@ def image_header_size(path: str) -> tuple[int, int] | None:
             return image.size
     except IMAGE_ERRORS:
         return None
+
+
+def read_utf8_lines(path: Path, error: Callable[[str], Exception] = InputError) -> list[str]:
+    """The lines of the UTF-8 text file ``path``, without the byte-order mark that Windows
+    Notepad writes. Another encoding raises ``error(problem)``, the problem naming the file and
+    the line (UnicodeDecodeError would say neither)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as decode_error:
+        line = data[:decode_error.start].count(b"\n") + 1
+        raise error(f"{path} is not UTF-8 text (line {line} holds the byte {data[decode_error.start]:#04x}, "
+                    "as another encoding such as Latin-1 writes it). Save the file as UTF-8.") from None
 
 
 def dataset_not_found(dataset_name: str, root: Path, problem: str, layout: str) -> DatasetNotFoundError:
@@ -109,11 +136,15 @@ class RawSplit:
         uint8 array [N, H, W, 3] of images held in memory (CIFAR, digits).
     targets: int64 array [N] of original class ids, in dataset order (NO_LABEL for an
         image of unknown class).
+    unreadable: the paths among ``images`` whose header PIL cannot open, where the dataset
+        checked them when it was read (the folder dataset); ``check_readable`` stops the run
+        on them before training.
     """
 
     dataset_name: str
     images: Sequence[str] | np.ndarray
     targets: np.ndarray
+    unreadable: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -130,7 +161,28 @@ class RawSplit:
             images: Sequence[str] | np.ndarray = self.images[keep]
         else:
             images = [self.images[i] for i in keep]
-        return RawSplit(self.dataset_name, images, self.targets[keep])
+        kept = set(images) if self.unreadable else set()
+        return RawSplit(self.dataset_name, images, self.targets[keep],
+                        tuple(path for path in self.unreadable if path in kept))
+
+
+def check_readable(raws: Sequence[RawSplit], skipping: bool) -> None:
+    """Stop before training when images of ``raws`` failed their header check (``unreadable``),
+    listing them all at once: one bad file should not end a run half-way, nor take a run per
+    file to find. With ``skipping`` (--skip_bad_images) they are only announced: training
+    replaces each by another image and lists it in the run's skipped_images.txt."""
+    bad = sorted({path for raw in raws for path in raw.unreadable})
+    if not bad:
+        return
+    shown = "".join(f"\n  {path}" for path in bad[:5]) + (f"\n  ... and {len(bad) - 5} more" * (len(bad) > 5))
+    what = (f"{len(bad)} image file{'s' if len(bad) > 1 else ''} of dataset {raws[0].dataset_name!r} cannot be "
+            f"opened (empty, cut short, not an image, or too large to decode):{shown}")
+    if not skipping:
+        raise ImageLoadError(f"{what}\nReplace or delete them, or pass --skip_bad_images to train "
+                             "without them (each is replaced by another image of its split and listed "
+                             "in the run's skipped_images.txt).")
+    get_logger().warning("%s\n--skip_bad_images: they are replaced by other images and listed in "
+                         "skipped_images.txt", what)
 
 
 @dataclass(frozen=True)
@@ -208,8 +260,9 @@ class GCDDataset(Dataset):
                 image = self.raw.image(int(self.uq_idxs[position]))
                 break
             except ImageLoadError as error:
-                if self.skip_log is None:
-                    raise
+                if self.skip_log is None:  # say how to go on without it
+                    raise ImageLoadError(f"{error} Or pass --skip_bad_images to replace such images by "
+                                         "others (listed in the run's skipped_images.txt).") from error
                 record_skipped_image(self.skip_log, error)
         else:
             raise ImageLoadError(f"no readable image at all in this split of {self.raw.dataset_name!r}")
@@ -220,8 +273,9 @@ class GCDDataset(Dataset):
 
 def record_skipped_image(log_path: Path, error: ImageLoadError) -> None:
     """Append one line per skipped image. A file (not a counter) so that DataLoader worker
-    processes can all report; lines are short and written in one call, so they don't interleave."""
-    with open(log_path, "a") as f:
+    processes can all report; lines are short and written in one call, so they don't interleave.
+    A file name that is not valid UTF-8 is written as its bytes (surrogateescape)."""
+    with open(log_path, "a", encoding="utf-8", errors="surrogateescape") as f:
         f.write(str(error).replace("\n", " ") + "\n")
 
 
@@ -239,7 +293,7 @@ def count_skipped_images(log_path: Path) -> int:
     """Distinct files recorded by ``record_skipped_image`` so far."""
     if not log_path.is_file():
         return 0
-    return len(set(log_path.read_text().splitlines()))
+    return len(set(log_path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()))
 
 
 class MergedDataset(Dataset):

@@ -24,6 +24,9 @@ delete its cache files.
 A build writes both files under temporary names, syncs them and renames them into place,
 the index last; only an index whose key, image count and data size match is trusted, so a
 build killed at any moment leaves nothing that is read, and the next run builds again.
+SIGINT (Ctrl-C) or SIGTERM during a build stops it at once: its temporary files are removed
+and an ImageCacheError says so (the caches of splits already built are kept). A folder that
+cannot be created or written is an ImageCacheError naming the flag too.
 Reading from the cache gives the very PIL image the uncached path has after its resize, so
 the random steps draw the same numbers and give bit-identical views (tests/test_image_cache.py).
 """
@@ -35,6 +38,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 from contextlib import contextmanager
@@ -148,7 +152,8 @@ def cache_key(raw: RawSplit, split: str, resize: transforms.Resize) -> str:
         digest.update(f"{pixels.dtype.str} {pixels.shape}".encode())
         digest.update(memoryview(pixels).cast("B"))
     else:
-        digest.update("\n".join(os.path.abspath(path) for path in raw.images).encode())
+        # fsencode: the file system's bytes, also of names that are not UTF-8.
+        digest.update(b"\n".join(os.fsencode(os.path.abspath(path)) for path in raw.images))
     return digest.hexdigest()
 
 
@@ -170,12 +175,13 @@ def use_image_cache(cache_dir: str, splits: dict[str, Sequence[GCDDataset]], res
     files = {split: CacheFiles.of(folder, raw, split, resize) for split, raw in raws.items()}
     if info.local_rank == 0:
         if not all(f.trusted() for f in files.values()):
-            folder.mkdir(parents=True, exist_ok=True)
-            with _locked(folder):
-                missing = [split for split in raws if not files[split].trusted()]  # built meanwhile?
-                if missing:
-                    build_caches([(raws[s], files[s]) for s in missing], resize, folder,
-                                 num_workers, progress)
+            with _as_cache_errors(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+                with _locked(folder):
+                    missing = [split for split in raws if not files[split].trusted()]  # built meanwhile?
+                    if missing:
+                        build_caches([(raws[s], files[s]) for s in missing], resize, folder,
+                                     num_workers, progress)
     else:
         while not all(f.trusted() for f in files.values()):
             time.sleep(WAIT_POLL_S)
@@ -185,6 +191,64 @@ def use_image_cache(cache_dir: str, splits: dict[str, Sequence[GCDDataset]], res
             dataset.raw = CachedSplit(dataset.raw, cache)
         get_logger().info("image cache: %s %s images from %s", raws[split].dataset_name, split,
                           files[split].data)
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM arrived during a build (raised by ``_stop_on_signals``'s handler)."""
+
+
+@contextmanager
+def _as_cache_errors(folder: Path) -> Iterator[None]:
+    """What stops a build in ``folder`` as an ImageCacheError naming the flag, which train.py
+    prints without a traceback: a stop request (SIGINT/SIGTERM; ``_build`` has removed its
+    temporary files by then) or a folder that cannot be created or written."""
+    try:
+        with _stop_on_signals():
+            yield
+    except _Stopped as stop:
+        raise ImageCacheError(f"--image_cache {folder}: stopped ({stop}) before the image cache was "
+                              "finished; its temporary files were removed (the caches of splits "
+                              "already built are kept). Run the same command again to build the "
+                              "rest.") from None
+    except ImageCacheError:
+        raise
+    except OSError as error:
+        raise ImageCacheError(f"--image_cache {folder}: cannot create or write the image cache there "
+                              f"({error}). Give a folder you can write to, or leave the flag out "
+                              "(images are then decoded every epoch).") from error
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM stop a build at once by raising _Stopped where it is. The build comes
+    before the run's own StopSignal (util/signals.py) is installed: without this, Ctrl-C gives a
+    KeyboardInterrupt traceback and SIGTERM kills the process before its temporary files are
+    removed. A second signal during the clean-up is ignored (the clean-up is two unlinks)."""
+    previous = {}
+
+    def stop(signum, frame):
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Stopped(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _worker_signals(_: int) -> None:
+    """A build's loader workers leave SIGINT and SIGTERM to the builder, which shuts them down
+    when it stops. (Ctrl-C and kill of a process group reach them too; a worker dying of it
+    made the loader print a traceback while the builder was cleaning up.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextmanager
@@ -350,7 +414,8 @@ def _as_is(item):
 
 def _in_order(fn: Callable, n: int, workers: int) -> Iterator:
     """fn(0), ..., fn(n-1), in order, computed by ``workers`` processes (0: this one)."""
-    return iter(DataLoader(_Calls(fn, n), batch_size=None, num_workers=workers, collate_fn=_as_is))
+    return iter(DataLoader(_Calls(fn, n), batch_size=None, num_workers=workers, collate_fn=_as_is,
+                           worker_init_fn=_worker_signals if workers else None))
 
 
 def _gigabytes(nbytes: int) -> str:

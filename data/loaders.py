@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.augmentations import TwoViews, get_transforms, resize_step
-from data.data_utils import skip_bad_images, train_sample_weights
+from data.data_utils import check_readable, skip_bad_images, train_sample_weights
 from data.get_datasets import get_datasets
 from data.image_cache import use_image_cache
 from data.samplers import SeededSamples, ShardSampler, WeightedEpochSampler
@@ -37,6 +37,8 @@ def build_loaders(task: Task, args: Namespace, image_size: int, info: DistInfo,
     image cache; ``skip_log``: replace unreadable images (--skip_bad_images), listed there."""
     train_tf, test_tf = get_transforms(image_size=image_size, normalization=args.normalization)
     train_set, test_set, unlabelled_set, _ = get_datasets(task.dataset_name, TwoViews(train_tf), test_tf, task)
+    # Images whose header failed (the folder dataset checks them all): stop now, not mid-training.
+    check_readable([unlabelled_set.raw, test_set.raw], skipping=skip_log is not None)
     if args.image_cache is not None:  # images decoded and resized once (data/image_cache.py)
         splits = {"train": [train_set.labelled_dataset, train_set.unlabelled_dataset, unlabelled_set],
                   "test": [test_set]}

@@ -55,14 +55,16 @@ class Task:
 
     def with_k(self, k: int, source: str) -> Task:
         """The same task with K = ``k`` (an estimate, or a checkpoint's K)."""
-        return replace(self, num_classes=check_k(k, self), k_source=source)
+        return replace(self, num_classes=check_k(k, self, source), k_source=source)
 
 
 def build_task(dataset_name: str, data_root: str | None = None, old_classes: str | None = None,
                num_classes: int | str | None = None, prop_train_labels: float = 0.5,
-               class_names: str = "reference", download: bool = False) -> Task:
+               class_names: str = "reference", download: bool = False, max_classes: int | None = None) -> Task:
     """The task of ``dataset_name`` (arguments as train.py's flags of the same names): reads the
-    class split and the class names, after downloading the dataset with ``download`` (CIFAR)."""
+    class split and the class names, after downloading the dataset with ``download`` (CIFAR).
+    A K below K_old, or a K to estimate with ``max_classes`` at most K_old, is refused here,
+    before any run folder, CLIP or image."""
     if download:
         download_dataset(dataset_name, data_root)
     old, new = class_split(dataset_name, data_root, old_classes)
@@ -71,6 +73,7 @@ def build_task(dataset_name: str, data_root: str | None = None, old_classes: str
                 num_classes=len(old) + len(new or []), ground_truth=new is not None,
                 class_names=tuple(names))
     if num_classes == "auto" or (num_classes is None and new is None):
+        check_max_classes(max_classes, task)
         return replace(task, k_source=K_TO_ESTIMATE)
     if num_classes is not None:
         return task.with_k(int(num_classes), K_FROM_FLAG)
@@ -82,11 +85,26 @@ def task_from_args(args) -> Task:
     ones take their defaults)."""
     return build_task(args.dataset_name, getattr(args, "data_root", None), getattr(args, "old_classes", None),
                       getattr(args, "num_classes", None), getattr(args, "prop_train_labels", 0.5),
-                      getattr(args, "class_names", "reference"), getattr(args, "download", False))
+                      getattr(args, "class_names", "reference"), getattr(args, "download", False),
+                      getattr(args, "max_classes", None))
 
 
-def check_k(k: int, task: Task) -> int:
-    if k < task.num_labeled_classes:
-        raise InputError(f"K = {k} (--num_classes) is fewer than the {task.num_labeled_classes} old classes "
-                         f"of {task.dataset_name}; K counts the old and the new classes.")
+def check_k(k: int, task: Task, source: str = K_FROM_FLAG) -> int:
+    # GCD expects new classes (K > K_old), but K == K_old is allowed: no cluster is then kept
+    # for new classes, yet the run is sound (still scored by the Hungarian matching), and the
+    # K estimate's own search starts at K_old.
+    old = task.num_labeled_classes
+    if k < old:
+        raise InputError(f"K = {k} ({source}) is fewer than the {old} old classes (K_old) of "
+                         f"{task.dataset_name}; K counts the old and the new classes: give "
+                         f"--num_classes {old} or more (K >= K_old), or auto to estimate it.")
     return k
+
+
+def check_max_classes(max_classes: int | None, task: Task) -> None:
+    """K is searched in [K_old, --max_classes]: the interval needs a K above K_old."""
+    old = task.num_labeled_classes
+    if max_classes is not None and max_classes <= old:
+        raise InputError(f"--max_classes {max_classes} leaves no K to search above the {old} old classes "
+                         f"(K_old) of {task.dataset_name}: K is estimated in [K_old, --max_classes], so "
+                         f"give --max_classes {old + 1} or more.")

@@ -26,6 +26,20 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of names that are not UTF-8 (which Python holds as surrogate
+    escapes) written as ``\\xNN``, so that any UTF-8 stream can take it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines through ``printable``: a path that is not UTF-8 would otherwise make the
+    handler print "--- Logging error ---" instead of the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger:
     """Console logging for the main process, mirrored into ``log_file`` when given."""
     logger = get_logger()
@@ -34,13 +48,13 @@ def setup_logging(log_file: Path | None, is_main: bool = True) -> logging.Logger
         handler.close()
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = PrintableFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     logger.addHandler(console)
     if log_file is not None and is_main:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     return logger

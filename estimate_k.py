@@ -7,21 +7,24 @@ training images, scored on the labelled ones, Brent's search of k; evaluation/k_
     python estimate_k.py --dataset_name digits --clip_model GET-tiny --pretrained none --device cpu --num_workers 0
 
 It takes train.py's flags (those that matter: the data, --old_classes, --max_classes, the
-CLIP model, --device, --amp, --batch_size, --num_workers, --seed) and ``--out FILE``, which
-also writes the estimate and the accuracy-vs-k curve as JSON. Prints both and returns the
+CLIP model, --device, --amp, --batch_size, --num_workers, --seed, --skip_bad_images) and ``--out FILE``, which
+also writes the estimate and the accuracy-vs-k curve as JSON (its folder is made if missing;
+checked, like every flag, before the search). Prints both and returns the
 estimate; the same flags give train.py's estimate.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from backbone import build_clip
-from data.task import task_from_args
-from errors import USER_ERRORS
+from data.task import check_max_classes, task_from_args
+from errors import USER_ERRORS, InputError
 from evaluation.k_estimate import KEstimate, estimate_k, format_estimate
 from params import get_args_parser, parse_args
 from util.dist import cleanup_distributed, init_distributed
@@ -44,15 +47,50 @@ def main(argv: list[str] | None = None) -> KEstimate:
     info = init_distributed(args.device)
     setup_logging(None, info.is_main)
     try:
+        # Every input is checked before the search, which is the long part.
         task, device = task_from_args(args), torch.device(info.device(args.device))
-        estimate = estimate_k(build_clip(args, device), task, args, device, info)
+        check_max_classes(args.max_classes, task)  # estimated here whatever --num_classes says
+        out = prepare_out(args.out, info.is_main)
+        estimate = estimate_with_skips(build_clip(args, device), task, args, device, info)
         get_logger().info("%s", format_estimate(estimate, task.num_labeled_classes))
-        if args.out and info.is_main:
-            save_json(estimate.record(), Path(args.out))
-            get_logger().info("written to %s", args.out)
+        if out and info.is_main:
+            save_json(estimate.record(), out)
+            get_logger().info("written to %s", out)
         return estimate
     finally:
         cleanup_distributed()
+
+
+def estimate_with_skips(clip, task, args, device, info) -> KEstimate:
+    """``estimate_k``; with --skip_bad_images each unreadable image is replaced by the next one
+    and named in the log at the end (there is no run folder to list them in)."""
+    if not args.skip_bad_images:
+        return estimate_k(clip, task, args, device, info)
+    with tempfile.TemporaryDirectory() as scratch:  # loader workers record skipped images in a file
+        skip_log = Path(scratch) / "skipped_images.txt"
+        estimate = estimate_k(clip, task, args, device, info, skip_log)
+        skipped = sorted(set(skip_log.read_text(encoding="utf-8", errors="surrogateescape").splitlines())
+                         if skip_log.is_file() else [])
+    for path in skipped:
+        get_logger().warning("replaced by the next image (--skip_bad_images): %s", path)
+    return estimate
+
+
+def prepare_out(out: str | None, is_main: bool) -> Path | None:
+    """--out as a path whose folder exists (made here) and can be written; refused if a folder."""
+    if out is None:
+        return None
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--out {out} is a folder; give the path of a JSON file, e.g. {path / 'k.json'}")
+    if is_main:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"--out {out}: cannot make its folder {path.parent} ({err.strerror})") from err
+        if not os.access(path.parent, os.W_OK):
+            raise InputError(f"--out {out}: its folder {path.parent} cannot be written")
+    return path
 
 
 if __name__ == "__main__":

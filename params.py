@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import string
 import sys
 
 import torch
@@ -35,13 +36,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="folder dataset, train/ layout: the old (labelled) classes, a file with one "
                         "folder name per line or a comma list of folder names")
     g.add_argument("--num_classes", type=num_classes_value, default=None,
-                   help="K, the number of clusters (old + new classes); None: the dataset's. "
+                   help="K, the number of clusters (old + new classes, at least the old ones); None: the dataset's. "
                         "'auto' estimates it first (k-means of the frozen CLIP features scored on "
                         "the labelled images, Brent's search up to --max_classes), as the folder "
                         "dataset's labelled/unlabelled layout does by default")
     g.add_argument("--max_classes", type=int, default=None,
-                   help="largest K that --num_classes auto considers (None: 4 x the old "
-                        "classes, at least 20)")
+                   help="largest K that --num_classes auto considers, more than the old classes "
+                        "(None: 4 x the old classes, at least 20)")
     g.add_argument("--download", action=switch, default=False,
                    help="download CIFAR through torchvision if missing (CIFAR only)")
     g.add_argument("--prop_train_labels", type=float, default=0.5,
@@ -224,7 +225,7 @@ def find_problem(args: argparse.Namespace) -> str | None:
         (args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
          "--max_steps_per_epoch must be >= 1"),
         (device_problem(args.device) is None, device_problem(args.device)),
-        ("{}" in args.prompt_template, "--prompt_template needs a '{}' for the class name"),
+        (prompt_template_problem(args.prompt_template) is None, prompt_template_problem(args.prompt_template)),
         ((args.stage == "eval") == bool(args.eval_checkpoint),
          "--stage eval and --eval_checkpoint PATH go together"),
         (parse_metric_key(args.best_metric) is not None,
@@ -233,6 +234,19 @@ def find_problem(args: argparse.Namespace) -> str | None:
     ]
     problem = next((message for ok, message in checks if not ok), None)
     return problem or grad_from_block_problem(args)
+
+
+def prompt_template_problem(template: str) -> str | None:
+    """What keeps ``template.format(name)`` from putting one name into the prompt, if anything."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        template.format("name")
+    except (ValueError, IndexError, KeyError):
+        fields = None
+    if fields != [""]:
+        return (f"--prompt_template {template!r} must hold exactly one '{{}}', where the name goes, and no "
+                "other braces (write {{ and }} for literal ones)")
+    return None
 
 
 def grad_from_block_problem(args: argparse.Namespace) -> str | None:

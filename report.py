@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     opts = get_args_parser().parse_args(argv)
     finished, unfinished = find_runs(opts.paths)
     runs = [run for run in finished if metric_key(opts.split, "fused", "all") in run.final]
+    for run in runs:
+        check_metrics(run, opts.split)
     if not runs:
         raise FileNotFoundError(f"no finished run with {opts.split} metrics (final_metrics.json) under "
                                 + ", ".join(opts.paths) + f"; {unfinished} run folder(s) without one")
@@ -122,11 +124,11 @@ def find_runs(paths: list[str]) -> tuple[list[RunRecord], int]:
     runs, unfinished = [], 0
     for config_file in sorted(configs):
         config = read_json(config_file)
-        if "dataset_name" not in config or "exp_name" not in config:
+        if not isinstance(config, dict) or "dataset_name" not in config or "exp_name" not in config:
             continue  # a config.json of something else
         final = config_file.parent / "final_metrics.json"
         if final.is_file():
-            runs.append(RunRecord(config_file.parent, config, read_json(final)))
+            runs.append(RunRecord(config_file.parent, config, read_final(final)))
         else:
             unfinished += 1
     return runs, unfinished
@@ -137,6 +139,24 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not valid JSON ({err}); repair or move that run folder") from err
+
+
+def read_final(path: Path) -> dict:
+    final = read_json(path)
+    if not isinstance(final, dict):
+        raise InputError(f"{path} is not a JSON object of metrics; repair or move that run folder")
+    return final
+
+
+def check_metrics(run: RunRecord, split: str) -> None:
+    """Every accuracy of ``split`` that the tables read is a number, or the file is named."""
+    path = run.dir / "final_metrics.json"
+    for key in (metric_key(split, head, group) for head in HEADS for group in GROUPS):
+        if key not in run.final:
+            raise InputError(f"{path} has no {key}; repair or move that run folder")
+        value = run.final[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{path}: {key} is {value!r}, not a number; repair or move that run folder")
 
 
 def group_runs(runs: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:

@@ -43,12 +43,12 @@ from model import GETConfig, TESStage, TextEmbeddingSynthesizer, build_get_model
 from params import flag_names, parse_args
 from runs.checkpoints import (BEST_FILE, LAST_FILE, TES_FILE, load_stage2_checkpoint, load_tes, model_from_checkpoint,
                               restore_state, save_state, save_tes, task_meta, tes_projector)
-from runs.resume import Resume, find_resume, resume_path
+from runs.resume import Resume, find_resume
 from runs.results import log_epoch, record_results
 from runs.run import (CLUSTER_SIZES, CONFIG, EVAL_METRICS, FINAL_METRICS, K_ESTIMATE, SKIPPED_IMAGES, Run,
-                      find_tes_checkpoint, new_run_dir, open_run, tes_checkpoint_path)
+                      find_tes_checkpoint, new_run_dir, open_run)
 from util.dist import barrier, cleanup_distributed, init_distributed, wrap_ddp
-from util.io import load_checkpoint, save_json
+from util.io import save_json
 from util.logging_utils import get_logger, setup_logging
 from util.rng import seed_everything
 from vocabulary import STAGE1, STAGE2
@@ -60,30 +60,92 @@ def main(argv: list[str] | None = None) -> dict:
     info = init_distributed(args.device)
     setup_logging(None, info.is_main)
     try:
-        # Every input is checked, the dataset first, before the run folder is made or touched.
-        task = k_from_checkpoint(task_from_args(args), args)
-        resume = find_resume(args, task_meta(task, args.clip_model, args.n_words), flag_names())
+        # Every input is checked, the dataset and the checkpoints first, before the run folder
+        # is made or touched.
+        inputs = read_inputs(task_from_args(args), args)
+        task, resume = inputs.task, inputs.resume
         run_dir = resume.run_dir if resume else new_run_dir(args, info)
         skip_log = run_dir / SKIPPED_IMAGES if args.skip_bad_images else None
         data = build_loaders(task, args, vision_image_size(args.clip_model), info, skip_log)
         clip = build_clip(args, info.device(args.device))
         with open_run(args, info, run_dir, resume, task.record()) as run:
             task = estimate_k_for_run(task, run, clip)  # K to estimate: from the frozen CLIP, before training
-            return run_stages(run, task, clip, data, resume)
+            return run_stages(run, task, clip, data, inputs)
     finally:
         cleanup_distributed()
 
 
-def run_stages(run: Run, task: Task, clip, data: Loaders, resume: Resume | None) -> dict:
-    """Evaluate a checkpoint, or train the stages in turn from where the run is."""
-    args = run.args
+@dataclass
+class Inputs:
+    """The checkpoints a run continues or uses, each read once and checked before anything is
+    written, and the task with their K where K was to be estimated."""
+    task: Task
+    resume: Resume | None
+    evaluated: dict | None       # --stage eval: the stage-2 checkpoint of --eval_checkpoint
+    tes_path: Path | None        # where this run does not train stage 1, the stage-1
+    tes: dict | None             # checkpoint that stage 2 starts from: its path, its content
+
+
+def read_inputs(task: Task, args) -> Inputs:
+    """Read and check every checkpoint that the flags name or that is found for them: --resume,
+    --eval_checkpoint, the stage-1 checkpoint of --stage get or of a resumed run that finished
+    stage 1. Each must agree with the task; the first one's K is the run's if K is to be estimated."""
+    resume = find_resume(args, expected_meta(task, args), flag_names())
+    if resume:
+        task = checkpoint_k(task, resume.checkpoint, resume.path)
+    evaluated = None
     if args.stage == "eval":
-        return record_results(evaluate_checkpoint(run, task, clip, data), task.ground_truth, run,
-                              f"accuracy of {args.eval_checkpoint}", EVAL_METRICS)
+        evaluated = load_stage2_checkpoint(args.eval_checkpoint, "--eval_checkpoint", expected_meta(task, args))
+        task = checkpoint_k(task, evaluated, args.eval_checkpoint)
+    tes_path, tes = stage1_checkpoint_path(args, resume), None
+    if tes_path:
+        tes = load_tes(tes_path, expected_meta(task, args))
+        task = checkpoint_k(task, tes, tes_path)
+    return Inputs(task, resume, evaluated, tes_path, tes)
+
+
+def expected_meta(task: Task, args) -> dict:
+    """What a checkpoint must agree on with this run; K only once it is known (a checkpoint
+    gives it where it is to be estimated)."""
+    meta = task_meta(task, args.clip_model, args.n_words)
+    if task.k_pending:
+        del meta["num_classes"]
+    return meta
+
+
+def checkpoint_k(task: Task, checkpoint: dict, path: str | Path) -> Task:
+    """Where K is to be estimated but the run continues or uses a checkpoint, its K: the same K
+    as before, and no second search."""
+    num_classes = checkpoint.get("meta", {}).get("num_classes")
+    if not task.k_pending or num_classes is None:
+        return task
+    get_logger().info("K = %d, as in %s (estimated there, not again)", num_classes, path)
+    return task.with_k(int(num_classes), "checkpoint")
+
+
+def stage1_checkpoint_path(args, resume: Resume | None) -> Path | None:
+    """The stage-1 checkpoint of a run that does not train stage 1: --stage get's (the flag's,
+    or the newest run's tes.pt), or the tes.pt of a resumed run that finished stage 1. None
+    otherwise (a stage-2 state carries its own TES)."""
+    if args.stage == "eval" or resume and resume.stage == STAGE2:
+        return None
+    if args.stage == STAGE2:
+        return find_tes_checkpoint(args, resume.run_dir if resume else None)
+    if resume and (resume.run_dir / TES_FILE).is_file():
+        return resume.run_dir / TES_FILE
+    return None
+
+
+def run_stages(run: Run, task: Task, clip, data: Loaders, inputs: Inputs) -> dict:
+    """Evaluate a checkpoint, or train the stages in turn from where the run is."""
+    args, resume = run.args, inputs.resume
+    if args.stage == "eval":
+        return record_results(evaluate_checkpoint(run, task, clip, data, inputs.evaluated), task.ground_truth,
+                              run, f"accuracy of {args.eval_checkpoint}", EVAL_METRICS)
     if resume and resume.stage == STAGE2:
         projector = tes_projector(resume.checkpoint)
-    elif args.stage == STAGE2:
-        projector = stage1_result(run, task, find_tes_checkpoint(args, run.dir))
+    elif inputs.tes is not None:
+        projector = stage1_result(run, task, inputs.tes_path, inputs.tes)
     else:
         projector = stage1(run, task, clip, data, resume.checkpoint if resume else None)
     if projector is None or args.stage == STAGE1:
@@ -98,9 +160,6 @@ def stage1(run: Run, task: Task, clip, data: Loaders, checkpoint: dict | None) -
     """Stage 1 (docs/method.md): train the TES projector, from ``checkpoint`` if resumed; the
     projector's weights, saved as tes.pt (None if stopped)."""
     args, out = run.args, run.dir / TES_FILE
-    if out.is_file():
-        get_logger().info("stage 1 already finished in this run: using %s", out)
-        return stage1_result(run, task, out)
     seed_everything(args.seed, STAGE1)  # the projector's initial weights
     model = TESStage(clip, TextEmbeddingSynthesizer(clip, args.n_words), amp=args.amp).to(run.device)
     old_names = task.class_names[:task.num_labeled_classes]
@@ -119,13 +178,16 @@ def stage1(run: Run, task: Task, clip, data: Loaders, checkpoint: dict | None) -
     return model.tes.projector.state_dict()
 
 
-def stage1_result(run: Run, task: Task, path: Path) -> dict:
-    """The projector of a stage-1 checkpoint; the run folder keeps a copy for any resume."""
-    meta = task_meta(task, run.args.clip_model, run.args.n_words)
-    projector = tes_projector(load_tes(path, expect=meta))
+def stage1_result(run: Run, task: Task, path: Path, checkpoint: dict) -> dict:
+    """The projector of a stage-1 checkpoint (read from ``path`` by ``read_inputs``); the run
+    folder keeps a copy for any resume."""
+    projector = tes_projector(checkpoint)
+    if path.resolve() == (run.dir / TES_FILE).resolve():
+        get_logger().info("stage 1 already finished in this run: using %s", path)
+        return projector
     get_logger().info("stage 2: TES from %s", path)
-    if run.info.is_main and path.resolve() != (run.dir / TES_FILE).resolve():
-        save_tes(meta, projector, run.dir / TES_FILE)
+    if run.info.is_main:
+        save_tes(task_meta(task, run.args.clip_model, run.args.n_words), projector, run.dir / TES_FILE)
     return projector
 
 
@@ -228,29 +290,11 @@ def run_evaluator(task: Task, run: Run, caches: dict[str, EvalCache] | None = No
                      stop=run.stop_requested, sizes_file=run.dir / CLUSTER_SIZES, caches=caches)
 
 
-def evaluate_checkpoint(run: Run, task: Task, clip, data: Loaders) -> dict | None:
-    """--stage eval: the metrics of a stage-2 checkpoint, rebuilt from the architecture it records."""
-    args = run.args
-    ckpt = load_stage2_checkpoint(args.eval_checkpoint, "--eval_checkpoint",
-                                  expect=task_meta(task, args.clip_model, args.n_words))
-    model = model_from_checkpoint(clip, ckpt, args.eval_checkpoint, args.amp)
+def evaluate_checkpoint(run: Run, task: Task, clip, data: Loaders, checkpoint: dict) -> dict | None:
+    """--stage eval: the metrics of a stage-2 checkpoint (read by ``read_inputs``), rebuilt from
+    the architecture it records."""
+    model = model_from_checkpoint(clip, checkpoint, run.args.eval_checkpoint, run.args.amp)
     return run_evaluator(task, run)(model, data.eval_splits)
-
-
-def k_from_checkpoint(task: Task, args) -> Task:
-    """Where K is to be estimated but the run continues a checkpoint (--resume, --stage eval,
-    --stage get), the checkpoint's K: the same K as before, and no second search."""
-    if not task.k_pending:
-        return task
-    path = resume_path(args) if args.resume else Path(args.eval_checkpoint) if args.stage == "eval" \
-        else tes_checkpoint_path(args) if args.stage == STAGE2 else None
-    if path is None or not path.is_file():  # a missing file is reported where it is read
-        return task
-    num_classes = load_checkpoint(path).get("meta", {}).get("num_classes")
-    if num_classes is None:
-        return task
-    get_logger().info("K = %d, as in %s (estimated there, not again)", num_classes, path)
-    return task.with_k(int(num_classes), "checkpoint")
 
 
 def estimate_k_for_run(task: Task, run: Run, clip) -> Task:

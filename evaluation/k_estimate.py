@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from backbone import clip_autocast
 from config import vision_image_size
 from data.augmentations import get_transforms
-from data.data_utils import skip_bad_images
+from data.data_utils import check_readable, skip_bad_images
 from data.get_datasets import get_datasets
 from data.samplers import ShardSampler
 from data.task import Task
@@ -138,6 +138,10 @@ def search_bounds(task: Task, max_classes: int | None, n_images: int) -> tuple[i
     """[K_old, --max_classes (default 4 K_old, at least 20)], at most one cluster per image."""
     k_min = task.num_labeled_classes
     k_max = min(max_classes or max(4 * k_min, 20), n_images)
+    if n_images <= k_min:
+        raise InputError(f"the {n_images} training images leave no K to search above the {k_min} old "
+                         "classes (at most one cluster per image): K cannot be estimated; add images or "
+                         "give --num_classes.")
     if k_max <= k_min:
         raise InputError(f"--max_classes {max_classes} leaves no K to search above the {k_min} old "
                          f"classes ({n_images} training images); give a larger --max_classes.")
@@ -152,7 +156,9 @@ def estimate_k(clip: torch.nn.Module, task: Task, args: Namespace, device: torch
     _, test_transform = get_transforms(image_size=vision_image_size(args.clip_model),
                                        normalization=args.normalization)
     train_set = get_datasets(task.dataset_name, test_transform, test_transform, task)[0]
-    if skip_log is not None:
+    if skip_log is None:  # images whose header failed (the folder dataset checks them all): stop now
+        check_readable([train_set.unlabelled_dataset.raw], skipping=False)
+    else:
         skip_bad_images([train_set], skip_log)
     k_min, k_max = search_bounds(task, args.max_classes, len(train_set))  # a bad --max_classes fails before the encoding
     data = clip_features(clip, train_set, args, device, info)

@@ -70,7 +70,7 @@ def tes_checkpoint_path(args: Namespace, run_dir: Path | None = None) -> Path | 
     return found / TES_FILE if found else None
 
 
-def find_tes_checkpoint(args: Namespace, run_dir: Path) -> Path:
+def find_tes_checkpoint(args: Namespace, run_dir: Path | None = None) -> Path:
     """``tes_checkpoint_path``, or an error saying how to make one."""
     path = tes_checkpoint_path(args, run_dir)
     if path is None:
@@ -143,6 +143,14 @@ def record_start(args: Namespace, run_dir: Path, resume: Resume | None, task_rec
         save_json({**vars(args), **task_record}, run_dir / CONFIG)
         save_json(environment, run_dir / ENVIRONMENT)
         return
+    if not (run_dir / CONFIG).is_file():
+        # A checkpoint copied alone into a folder: without config.json the run would be
+        # invisible to report.py. This resume's flags agree with the saved run's on every flag
+        # that defines it (runs.resume.find_resume).
+        get_logger().info("%s has no %s: written from this resume's flags", run_dir, CONFIG)
+        save_json({**vars(args), **task_record}, run_dir / CONFIG)
+    if not (run_dir / ENVIRONMENT).is_file():
+        save_json(environment, run_dir / ENVIRONMENT)
     loop = resume.checkpoint["loop"]
     truncate_logs(run_dir, resume.stage, loop["epoch"], loop["global_step"])
     get_logger().info("resuming stage %s from %s at epoch %d, step %d%s", resume.stage, resume.path,

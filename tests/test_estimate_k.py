@@ -13,6 +13,7 @@ import torch
 import data_fixtures as F
 import estimate_k
 import train
+from errors import ImageLoadError
 from evaluation import k_estimate as E
 from tests.helpers import run_dirs, scalar_tags
 
@@ -75,6 +76,8 @@ def test_search_bounds():
     assert E.search_bounds(task, 250, 1000) == (100, 250) and E.search_bounds(task, 250, 180) == (100, 180)
     with pytest.raises(ValueError, match="--max_classes 100 leaves no K to search above the 100 old"):
         E.search_bounds(task, 100, 1000)
+    with pytest.raises(ValueError, match="the 90 training images leave no K to search above the 100 old"):
+        E.search_bounds(task, None, 90)
 
 
 def tiny_argv(out, root, *extra):
@@ -126,3 +129,18 @@ def test_labelled_unlabelled_layout_estimates_k_and_a_resume_keeps_it(tmp_path, 
     assert (run_dir / "k_estimate.json").stat().st_mtime_ns == before
     assert f"K = {k}, as in {run_dir / 'last.pt'} (estimated there, not again)" in capsys.readouterr().out
     assert len(run_dirs(tmp_path / "out", "get", "folder")) == 1
+
+
+def test_standalone_estimate_refuses_or_skips_a_bad_image(tmp_path, capsys):
+    root = F.write_folder(tmp_path / "data", "train")
+    bad = next((root / "train" / "cat").iterdir())
+    bad.write_bytes(b"")  # a zero-byte image: its header cannot be read
+    argv = tiny_argv(tmp_path, root, "--old_classes", "ant,bee,cat", "--max_classes", "8")
+    with pytest.raises(ImageLoadError, match="--skip_bad_images") as refused:
+        estimate_k.main(argv)
+    assert str(bad) in str(refused.value)
+    estimate = estimate_k.main(argv + ["--skip_bad_images"])
+    assert 3 <= estimate.k <= 8
+    warning = next(line for line in capsys.readouterr().out.splitlines()
+                   if "replaced by the next image (--skip_bad_images)" in line)
+    assert str(bad) in warning

@@ -141,6 +141,8 @@ def test_tes_checkpoint_of_another_set_up_is_refused(tmp_path, cub_root):
     (["--prop_train_labels", "0"], r"--prop_train_labels must be in \(0, 1\]"),
     (["--batch_size", "1"], "--batch_size must be at least 2"),
     (["--best_metric", "test/visual/mean"], "--best_metric must look like"),
+    (["--prompt_template", "{} and {}"], "--prompt_template .* must hold exactly one"),
+    (["--prompt_template", "a photo of a {name}"], "--prompt_template .* must hold exactly one"),
 ])
 def test_bad_flags_are_refused_before_any_work(tmp_path, cub_root, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -16,35 +16,52 @@ to the mean pseudo-text embedding of the cluster's images: the output of GET's T
 Synthesizer, which lives in CLIP's text space. The cosine goes to ``name_similarity``.
 
 The model is rebuilt from the checkpoint's flags; the CLIP weights come from the run's
-``--pretrained`` unless this script's ``--pretrained`` says otherwise.
+``--pretrained`` unless this script's ``--pretrained`` says otherwise. A weights file is only
+loaded when the user names it: a run trained with ``--pretrained FILE`` needs ``--pretrained``
+here too (open_clip tags such as ``openai`` are followed).
+
+The CSV is safe to open in a spreadsheet and is written whole or not at all (docs/predictions.md):
+a text cell that a spreadsheet would run as a formula gets a leading ``'``; names are written as
+the file system gives them (bytes that are not UTF-8 stay those bytes); the file is written under
+a temporary name and renamed into place once complete. Every flag is checked before the
+checkpoint, the model or any image is read. An unreadable image stops the prediction with its
+path; ``--skip_bad_images`` leaves it out of the CSV instead.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import os
+import shlex
 import sys
+import tempfile
 from argparse import Namespace
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from backbone import build_clip, class_text_embeddings, get_tokenizer
+from backbone import build_clip, class_text_embeddings, get_tokenizer, is_local_weights
 from config import vision_image_size
 from data.augmentations import get_transforms
-from data.data_utils import NO_LABEL, load_image
+from data.data_utils import NO_LABEL, load_image, read_utf8_lines, skip_bad_images
 from data.get_datasets import get_datasets
 from data.task import Task, task_from_args
-from errors import USER_ERRORS, CheckpointError, InputError
+from errors import USER_ERRORS, CheckpointError, ImageLoadError, InputError
 from evaluation.accuracy import cluster_to_class
 from evaluation.predict import by_head, frozen_batches, gather_outputs, head_clusters
 from model import GETModel
-from params import device_problem, resolve_device
+from params import device_problem, prompt_template_problem, resolve_device
 from runs.checkpoints import load_stage2_checkpoint, model_from_checkpoint
+from runs.run import SKIPPED_IMAGES
 from util.dist import DistInfo
+from util.io import atomic_file
 from util.logging_utils import get_logger, setup_logging
 from vocabulary import HEADS
 
@@ -54,6 +71,10 @@ IMAGE_EXTENSIONS = frozenset((".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", 
                               ".ppm", ".pgm", ".pbm"))
 COLUMNS = ("path", "fused_cluster", "fused_prob", "fused_kind", "fused_name", "name_similarity",
            "visual_cluster", "visual_name", "text_cluster", "text_name")
+# What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# The target of an image file that could not be read (--skip_bad_images): it gets no row.
+UNREADABLE = -2
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -77,13 +98,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast of the CLIP encoders (default: on with CUDA)")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--num_workers", type=int, default=4, help="image-loading processes")
+    p.add_argument("--skip_bad_images", action=argparse.BooleanOptionalAction, default=False,
+                   help="leave unreadable files of --images out of the CSV (and replace unreadable "
+                        "labelled images of the run by the next one, as train.py does) instead of stopping")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bars (default: only when attached to a terminal)")
     return p
 
 
 class ImageFiles(Dataset):
-    """Image files with the test transform: item (image [3, H, W], position)."""
+    """Image files with the test transform: item (image [3, H, W], NO_LABEL, position); an
+    unreadable file gives a blank stand-in image and the target UNREADABLE.
+
+    The main process decides what an unreadable file means (``refuse_unreadable``,
+    ``drop_unreadable``): an error raised in a loader's worker process would reach the user
+    wrapped in that process's traceback."""
 
     def __init__(self, paths: list[Path], transform):
         self.paths, self.transform = paths, transform
@@ -92,7 +121,10 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        return self.transform(load_image(self.paths[index], "predict.py --images")), NO_LABEL, index
+        try:
+            return self.transform(load_image(self.paths[index], "predict.py --images")), NO_LABEL, index
+        except ImageLoadError:
+            return self.transform(Image.new("RGB", (1, 1))), UNREADABLE, index
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -100,16 +132,17 @@ def main(argv: list[str] | None = None) -> Path:
     opts = get_args_parser().parse_args(argv)
     setup_logging(None)
     log = get_logger()
+    # Every input is checked before the model is built or any image is read: the flags first.
     device = resolve_device(opts.device)
-    if device_problem(device):
-        raise InputError(device_problem(device))
+    problem = flag_problem(opts) or device_problem(device)
+    if problem:
+        raise InputError(problem)
     progress = sys.stderr.isatty() if opts.progress is None else opts.progress
-    # Every input is checked before the model is built.
     image_root, paths = find_images(opts.images)
     candidates = read_candidates(opts.name_candidates) if opts.name_candidates else None
-    if opts.prompt_template is not None and "{}" not in opts.prompt_template:
-        raise InputError(f"--prompt_template {opts.prompt_template!r} needs a '{{}}' for the name")
+    check_out_is_no_input(Path(opts.out), opts, paths)
     ckpt = read_stage2_checkpoint(opts.checkpoint)
+    check_pretrained(ckpt["args"], opts)
     args = run_args(ckpt, opts, device)
     task = run_task(args, ckpt, opts.checkpoint)
     num_classes, class_names = task.num_classes, task.class_names
@@ -121,13 +154,14 @@ def main(argv: list[str] | None = None) -> Path:
     model = model_from_checkpoint(build_clip(args, device), ckpt, opts.checkpoint, args.amp).eval()
     log.info("matching clusters to the %d old classes on %d labelled images of %s", task.num_labeled_classes,
              len(labelled), task.dataset_name)
-    on_labelled = predict_clusters(model, DataLoader(labelled, **loader_opts), device, progress, "labelled")
-    matches = {head: match_old_classes(on_labelled[head], on_labelled["target"]) for head in HEADS}
+    matches = match_on_labelled(model, DataLoader(labelled, **loader_opts), device, progress, opts.skip_bad_images)
     names = {head: cluster_names(matches[head], class_names, num_classes) for head in HEADS}
 
     log.info("predicting %d images of %s", len(paths), image_root)
+    check = (lambda batch: batch) if opts.skip_bad_images else partial(refuse_unreadable, paths)
     pred = predict_clusters(model, DataLoader(ImageFiles(paths, test_tf), **loader_opts), device, progress,
-                            "images", with_tes=candidates is not None)
+                            "images", with_tes=candidates is not None, check=check)
+    paths, pred = drop_unreadable(paths, pred)
     similarity: dict[int, float] = {}
     if candidates is not None:
         text = class_text_embeddings(model.clip, get_tokenizer(args.clip_model), candidates,
@@ -144,6 +178,107 @@ def main(argv: list[str] | None = None) -> Path:
              cluster_summary(pred["fused"], names["fused"], matches["fused"], similarity))
     log.info("wrote %d predictions to %s", len(paths), out)
     return out
+
+
+def flag_problem(opts: Namespace) -> str | None:
+    """The first flag whose value cannot work, as a message naming it; None if all can."""
+    checks = [
+        (opts.batch_size >= 1, f"--batch_size must be >= 1; got {opts.batch_size}"),
+        (opts.num_workers >= 0, f"--num_workers must be >= 0; got {opts.num_workers}"),
+    ]
+    problem = next((message for ok, message in checks if not ok), None)
+    template = opts.prompt_template
+    return problem or (prompt_template_problem(template) if template is not None else None) or out_problem(opts.out)
+
+
+def out_problem(out: str) -> str | None:
+    """What keeps ``--out`` from being written as a file, if anything (checked before the long work)."""
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return f"--out {out} is a folder; give the path of the CSV file to write, e.g. {path / 'predictions.csv'}"
+    for folder in path.parents:  # the nearest one that exists must be a folder we may write in
+        if folder.exists():
+            if not folder.is_dir():
+                return f"--out {out}: {folder} is a file, not a folder; give a CSV path in a folder"
+            if not os.access(folder, os.W_OK):
+                return f"--out {out}: no permission to write in {folder}; give a CSV path in another folder"
+            break
+    return None
+
+
+def check_out_is_no_input(out: Path, opts: Namespace, images: list[Path]) -> None:
+    """Refuse an --out that would overwrite the checkpoint, the candidates or an image."""
+    if not out.is_file():
+        return
+    inputs = [(Path(opts.checkpoint), "--checkpoint"), *[(p, "an image of --images") for p in images
+                                                         if p.suffix.lower() == out.suffix.lower()]]
+    if opts.name_candidates:
+        inputs.append((Path(opts.name_candidates), "--name_candidates"))
+    for path, what in inputs:
+        if path.is_file() and os.path.samefile(out, path):
+            raise InputError(f"--out {out} is {what}; writing the CSV would replace it. Give another --out")
+
+
+def check_pretrained(run_flags: dict, opts: Namespace) -> None:
+    """A weights file that only the checkpoint names is not loaded: the checkpoint may come from
+    elsewhere, and its path may now hold anything. The user names the file (tags are followed)."""
+    recorded = run_flags.get("pretrained")
+    if opts.pretrained is None and is_local_weights(recorded, run_flags.get("clip_model", "")):
+        raise InputError(f"--checkpoint {opts.checkpoint} was trained with --pretrained {recorded}; pass "
+                         f"--pretrained {shlex.quote(str(recorded))} (or another copy of those weights) to use "
+                         "it. A weights file named only inside a checkpoint is never loaded")
+
+
+def match_on_labelled(model: GETModel, loader: DataLoader, device: str, progress: bool,
+                      skip_bad: bool) -> dict[str, dict[int, int]]:
+    """{head: {cluster: old class}} on the run's labelled images. With ``skip_bad`` an unreadable
+    one is replaced by the next, as in training, and listed in the log."""
+    with tempfile.TemporaryDirectory() as scratch:  # worker processes record skipped images in a file
+        skip_log = Path(scratch) / SKIPPED_IMAGES
+        if skip_bad:
+            skip_bad_images([loader.dataset], skip_log)
+        try:
+            on_labelled = predict_clusters(model, loader, device, progress, "labelled")
+        except ImageLoadError as error:
+            if skip_bad or "--skip_bad_images" in str(error):  # data/ may name the flag already
+                raise
+            raise ImageLoadError(f"{error} Or pass --skip_bad_images to replace it by the next labelled "
+                                 "image, as train.py does") from error
+        lines = skip_log.read_text(encoding="utf-8", errors="surrogateescape") if skip_log.is_file() else ""
+    for line in sorted(set(lines.splitlines())):
+        get_logger().warning("replaced by the next labelled image (--skip_bad_images): %s", line)
+    return {head: match_old_classes(on_labelled[head], on_labelled["target"]) for head in HEADS}
+
+
+def refuse_unreadable(paths: list[Path], batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``batch`` of ImageFiles(paths), or the error for its first unreadable file."""
+    _, targets, indices = batch
+    unreadable = indices[targets == UNREADABLE]
+    if len(unreadable):
+        path = paths[int(unreadable[0])]
+        raise ImageLoadError(f"--images: cannot read {path} ({unreadable_reason(path)}). "
+                             "Replace or remove the file, or pass --skip_bad_images to leave it out of the CSV")
+    return batch
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why ``path`` cannot be read, asked again here (the worker that failed cannot say)."""
+    try:
+        load_image(path, "predict.py --images")
+    except ImageLoadError as error:
+        return str(error.__cause__ or error)
+    return "it could not be read a moment ago"
+
+
+def drop_unreadable(paths: list[Path], pred: dict[str, np.ndarray]) -> tuple[list[Path], dict[str, np.ndarray]]:
+    """The paths and predictions without the images that could not be read (--skip_bad_images)."""
+    readable = pred["target"] != UNREADABLE
+    for i in np.flatnonzero(~readable):
+        get_logger().warning("left out of the CSV (--skip_bad_images): %s (%s)", paths[i],
+                             unreadable_reason(paths[i]))
+    if not readable.any():
+        raise ImageLoadError(f"--images: none of the {len(paths)} image files could be read")
+    return [p for p, ok in zip(paths, readable) if ok], {key: value[readable] for key, value in pred.items()}
 
 
 def find_images(folder: str) -> tuple[Path, list[Path]]:
@@ -164,7 +299,8 @@ def read_candidates(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--name_candidates {path}: no such file")
-    names = list(dict.fromkeys(line.strip() for line in file.read_text(encoding="utf-8").splitlines()))
+    lines = read_utf8_lines(file, lambda problem: InputError(f"--name_candidates {problem}"))
+    names = list(dict.fromkeys(line.strip() for line in lines))
     names = [name for name in names if name]
     if not names:
         raise InputError(f"--name_candidates {path} holds no name (one candidate name per line)")
@@ -199,16 +335,17 @@ def run_task(args: Namespace, ckpt: dict, path: str) -> Task:
 
 @torch.no_grad()
 def predict_clusters(model: GETModel, loader: DataLoader, device: str, progress: bool, desc: str,
-                     with_tes: bool = False) -> dict[str, np.ndarray]:
+                     with_tes: bool = False, check: Callable = lambda batch: batch) -> dict[str, np.ndarray]:
     """Cluster ids per head ('visual', 'text', 'fused': int [N]), 'fused_prob' [N], 'target'
     [N] (labels, or NO_LABEL) in the order of the dataset, and with ``with_tes`` the TES
-    outputs 'tes' float32 [N, embed_dim]."""
+    outputs 'tes' float32 [N, embed_dim]. ``check`` sees (and returns) each batch of ``loader``
+    before the model does."""
     def compute(frozen: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         out = model.predict_from(*frozen)  # the frozen CLIP ran once, in frozen_batches
         extra = {"tes": frozen[1].float()} if with_tes else {}
         return {"clusters": head_clusters(out), "fused_prob": out["fused_probs"].max(dim=1).values, **extra}
 
-    batches = frozen_batches(model, loader, torch.device(device))
+    batches = frozen_batches(model, map(check, loader), torch.device(device))
     gathered = by_head(gather_outputs(batches, compute, DistInfo(), total=len(loader), progress=progress, desc=desc))
     return {key: value.numpy() for key, value in gathered.items()}
 
@@ -251,16 +388,30 @@ def name_by_candidates(tes_out: np.ndarray, clusters: np.ndarray, to_name: list[
 
 def write_csv(out: Path, rel_paths: list[str], pred: dict[str, np.ndarray], names: dict[str, dict[int, str]],
               fused_matches: dict[int, int], similarity: dict[int, float]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as f:
+    """The CSV, complete or not at all; every text cell (path, names) through ``formula_safe``.
+    Names that are not valid UTF-8 reach Python as str with surrogate escapes: 'surrogateescape'
+    writes them back as the bytes the file system gave, so a path read back opens the file."""
+    with atomic_file(out, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for i, path in enumerate(rel_paths):
             fused, visual, text = int(pred["fused"][i]), int(pred["visual"][i]), int(pred["text"][i])
             sim = f"{similarity[fused]:.4f}" if fused in similarity else ""
-            writer.writerow([path, fused, f"{pred['fused_prob'][i]:.4f}",
-                             "old" if fused in fused_matches else "new", names["fused"][fused], sim,
-                             visual, names["visual"][visual], text, names["text"][text]])
+            writer.writerow([formula_safe(path), fused, f"{pred['fused_prob'][i]:.4f}",
+                             "old" if fused in fused_matches else "new", formula_safe(names["fused"][fused]), sim,
+                             visual, formula_safe(names["visual"][visual]), text, formula_safe(names["text"][text])])
+
+
+def formula_safe(cell: str) -> str:
+    """``cell`` with a ``'`` in front when a spreadsheet would run it as a formula: it starts with
+    one of FORMULA_START, after any quotes. Counting the quotes makes the rule exactly undoable:
+    strip one leading quote from a cell that starts with quotes and then one of FORMULA_START."""
+    return "'" + cell if cell.lstrip("'").startswith(FORMULA_START) else cell
+
+
+def unescape_formula(cell: str) -> str:
+    """The cell as it was before ``formula_safe`` (for a reader of the CSV)."""
+    return cell[1:] if cell.startswith("'") and cell.lstrip("'").startswith(FORMULA_START) else cell
 
 
 def cluster_summary(clusters: np.ndarray, names: dict[int, str], matches: dict[int, int],

@@ -221,3 +221,7 @@ def test_unusable_input_is_refused_with_the_flag(run_dir, tmp_path):
     with pytest.raises(predict.InputError, match="--name_candidates .*holds no name"):
         predict.main(["--checkpoint", str(run_dir / "last.pt"), "--images", images,
                       "--name_candidates", str(tmp_path / "blank.txt")])
+    (tmp_path / "latin1.txt").write_bytes("tabby\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(predict.InputError, match="--name_candidates .*latin1.txt is not UTF-8 text .line 2"):
+        predict.main(["--checkpoint", str(run_dir / "last.pt"), "--images", images,
+                      "--name_candidates", str(tmp_path / "latin1.txt")])

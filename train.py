@@ -44,7 +44,7 @@ from params import flag_names, parse_args
 from runs.checkpoints import (BEST_FILE, LAST_FILE, TES_FILE, load_stage2_checkpoint, load_tes, model_from_checkpoint,
                               restore_state, save_state, save_tes, task_meta, tes_projector)
 from runs.resume import Resume, find_resume
-from runs.results import log_epoch, record_results
+from runs.results import log_epoch, record_confusion, record_results
 from runs.run import (CLUSTER_SIZES, CONFIG, EVAL_METRICS, FINAL_METRICS, K_ESTIMATE, SKIPPED_IMAGES, Run,
                       find_tes_checkpoint, new_run_dir, open_run)
 from util.dist import barrier, cleanup_distributed, init_distributed, wrap_ddp
@@ -140,8 +140,8 @@ def run_stages(run: Run, task: Task, clip, data: Loaders, inputs: Inputs) -> dic
     """Evaluate a checkpoint, or train the stages in turn from where the run is."""
     args, resume = run.args, inputs.resume
     if args.stage == "eval":
-        return record_results(evaluate_checkpoint(run, task, clip, data, inputs.evaluated), task.ground_truth,
-                              run, f"accuracy of {args.eval_checkpoint}", EVAL_METRICS)
+        return finish(run, task, evaluate_checkpoint(run, task, clip, data, inputs.evaluated),
+                      f"accuracy of {args.eval_checkpoint}", EVAL_METRICS)
     if resume and resume.stage == STAGE2:
         projector = tes_projector(resume.checkpoint)
     elif inputs.tes is not None:
@@ -150,10 +150,20 @@ def run_stages(run: Run, task: Task, clip, data: Loaders, inputs: Inputs) -> dic
         projector = stage1(run, task, clip, data, resume.checkpoint if resume else None)
     if projector is None or args.stage == STAGE1:
         return {}
-    metrics = stage2(run, task, clip, projector, data,
-                     resume.checkpoint if resume and resume.stage == STAGE2 else None)
-    return {} if metrics is None else record_results(metrics, task.ground_truth, run, "final accuracy",
-                                                     FINAL_METRICS)
+    evaluated = stage2(run, task, clip, projector, data,
+                       resume.checkpoint if resume and resume.stage == STAGE2 else None)
+    return finish(run, task, evaluated, "final accuracy", FINAL_METRICS)
+
+
+def finish(run: Run, task: Task, evaluated: tuple[dict, dict] | None, title: str, file_name: str) -> dict:
+    """The final evaluation, (metrics, the predictions they come from), to the log and the run
+    folder: the accuracy table and the confusion matrices. Its metrics ({} if stopped)."""
+    if evaluated is None:
+        return {}
+    metrics, predictions = evaluated
+    record_results(metrics, task.ground_truth, run, title, file_name)
+    record_confusion(predictions, task, run)
+    return metrics
 
 
 def stage1(run: Run, task: Task, clip, data: Loaders, checkpoint: dict | None) -> dict | None:
@@ -191,9 +201,10 @@ def stage1_result(run: Run, task: Task, path: Path, checkpoint: dict) -> dict:
     return projector
 
 
-def stage2(run: Run, task: Task, clip, projector: dict, data: Loaders, checkpoint: dict | None) -> dict | None:
+def stage2(run: Run, task: Task, clip, projector: dict, data: Loaders,
+           checkpoint: dict | None) -> tuple[dict, dict] | None:
     """Stage 2 (docs/method.md): train the dual-branch model, from ``checkpoint`` if resumed;
-    its final metrics (None if stopped)."""
+    its final metrics and the predictions they come from (None if stopped)."""
     args = run.args
     # Stage 2 starts from the same random state whatever happened after stage 1 (a kill
     # before its first checkpoint, a separate --stage get run).
@@ -208,12 +219,13 @@ def stage2(run: Run, task: Task, clip, projector: dict, data: Loaders, checkpoin
     meta = {**task_meta(task, args.clip_model, args.n_words), **config.meta()}
     stage = Stage(STAGE2, model, step, *optimizer, args.epochs, meta, run.dir / LAST_FILE[STAGE2],
                   schedule=lambda epoch: {"teacher_temp": teacher_temp(epoch)})
-    evaluate_epoch = stage2_evaluation(model, data, task, run)
+    evaluate_epoch, evaluator = stage2_evaluation(model, data, task, run)
     outcome = fit(stage, data.train, run, checkpoint, evaluate_epoch, task.ground_truth)
     if outcome.stopped:
         return None
     # Resumed after the last epoch: nothing left to train, evaluate the finished model.
-    return outcome.metrics or evaluate_epoch(args.epochs - 1)
+    metrics = outcome.metrics or evaluate_epoch(args.epochs - 1)
+    return None if metrics is None else (metrics, evaluator.predictions)
 
 
 @dataclass
@@ -266,10 +278,11 @@ def save_checkpoints(stage: Stage, position: Position, metrics: dict, run: Run, 
     barrier()
 
 
-def stage2_evaluation(model, data: Loaders, task: Task, run: Run) -> Callable[[int], dict | None]:
+def stage2_evaluation(model, data: Loaders, task: Task, run: Run) -> tuple[Callable[[int], dict | None], Evaluator]:
     """Stage 2's evaluation after an epoch: the unlabelled training images, and the test split
     at the end (or every --test_every epochs, or always when --best_metric reads it). A split
-    evaluated more than once keeps its frozen part cached (--eval_cache_gb each)."""
+    evaluated more than once keeps its frozen part cached (--eval_cache_gb each). With the
+    evaluator, which keeps the last evaluation's predictions."""
     args, budget = run.args, int(run.args.eval_cache_gb * 2**30)
     test_always = args.best_metric.startswith("test/")
     repeated = ["train_unlabelled"] + (["test"] if args.test_every or test_always else [])
@@ -282,7 +295,7 @@ def stage2_evaluation(model, data: Loaders, task: Task, run: Run) -> Callable[[i
         return evaluator(model, {split: loader for split, loader in data.eval_splits.items()
                                  if split != "test" or test_due})
 
-    return evaluate_epoch
+    return evaluate_epoch, evaluator
 
 
 def run_evaluator(task: Task, run: Run, caches: dict[str, EvalCache] | None = None) -> Evaluator:
@@ -290,11 +303,13 @@ def run_evaluator(task: Task, run: Run, caches: dict[str, EvalCache] | None = No
                      stop=run.stop_requested, sizes_file=run.dir / CLUSTER_SIZES, caches=caches)
 
 
-def evaluate_checkpoint(run: Run, task: Task, clip, data: Loaders, checkpoint: dict) -> dict | None:
+def evaluate_checkpoint(run: Run, task: Task, clip, data: Loaders, checkpoint: dict) -> tuple[dict, dict] | None:
     """--stage eval: the metrics of a stage-2 checkpoint (read by ``read_inputs``), rebuilt from
-    the architecture it records."""
+    the architecture it records, and the predictions they come from (None if stopped)."""
     model = model_from_checkpoint(clip, checkpoint, run.args.eval_checkpoint, run.args.amp)
-    return run_evaluator(task, run)(model, data.eval_splits)
+    evaluator = run_evaluator(task, run)
+    metrics = evaluator(model, data.eval_splits)
+    return None if metrics is None else (metrics, evaluator.predictions)
 
 
 def estimate_k_for_run(task: Task, run: Run, clip) -> Task:

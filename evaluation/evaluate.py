@@ -53,6 +53,9 @@ class Evaluator:
         self.task, self.device, self.info, self.eval_func = task, device, info, eval_func
         self.progress, self.stop, self.sizes_file = progress, stop, sizes_file
         self.caches = caches or {}
+        # The last evaluation's predictions ({split: predict_split's}), kept for the confusion
+        # matrices at the end of a run: no second pass over the data.
+        self.predictions: dict[str, dict[str, Tensor]] = {}
 
     def predict(self, model, split: str, loader: DataLoader) -> dict[str, Tensor] | None:
         """``predict_split`` of one split, through its cache if it has one."""
@@ -69,6 +72,7 @@ class Evaluator:
                 preds[split] = self.predict(model, split, loader)
                 if preds[split] is None:
                     return None
+        self.predictions = preds
         if not self.task.ground_truth:
             return describe_clusters(preds, self.task, self.sizes_file if self.info.is_main else None)
         metrics = {f"{split}/{key}": value for split, split_preds in preds.items()

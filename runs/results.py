@@ -1,12 +1,15 @@
 """What a run prints and records of its results: one line per epoch (console, ``log.txt``,
-``metrics.jsonl``, TensorBoard) and the final accuracy table (log and a JSON file)."""
+``metrics.jsonl``, TensorBoard), the final accuracy table (log and a JSON file) and the final
+confusion matrices (log and files)."""
 from __future__ import annotations
 
 from data.data_utils import count_skipped_images
+from data.task import Task
 from engine import Position, Stage
-from runs.run import CLUSTER_SIZES, SKIPPED_IMAGES, Run
+from runs.run import CLUSTER_SIZES, CONFUSION_DIR, SKIPPED_IMAGES, Run
 from util.io import save_json
 from util.logging_utils import TENSORBOARD_DIR, get_logger
+from views import confusion
 from vocabulary import GROUPS, HEADS, SPLITS, metric_key
 
 
@@ -58,3 +61,28 @@ def record_results(metrics: dict, ground_truth: bool, run: Run, title: str, file
     if run.info.is_main:
         save_json(metrics, run.dir / file_name)
     return metrics
+
+
+def record_confusion(predictions: dict, task: Task, run: Run) -> None:
+    """The confusion matrices of the final evaluation's predictions ({split: ``predict_split``'s}),
+    per split and head: the most confused classes to the log, the counts and the heat map to
+    ``confusion/<split>_<head>.json`` and ``.png``. Without ground truth there are none."""
+    log = get_logger()
+    if not task.ground_truth:
+        log.info("no confusion matrices: the unlabelled images have no ground truth")
+        return
+    if not run.info.is_main:
+        return
+    matrices = confusion.run_matrices(predictions, task.class_names, task.num_labeled_classes, task.num_classes)
+    folder = run.dir / CONFUSION_DIR
+    for (split, head), matrix in matrices.items():
+        log.info("most confused classes, %s / %s (true class -> the class whose matched cluster took its "
+                 "images)%s", split, head, confusion.format_confused(confusion.most_confused([matrix])))
+        confusion.save(matrix, confusion.matrix_path(folder, split, head, ".json"))
+    try:
+        for (split, head), matrix in matrices.items():
+            title = confusion.title_of(split, head, matrix, run.args.eval_func)
+            confusion.draw(matrix, title, confusion.matrix_path(folder, split, head, ".png"))
+    except ImportError:  # the counts are saved: report.py --plots draws them elsewhere
+        log.warning("confusion matrices: no heat maps, matplotlib is missing (pip install matplotlib)")
+    log.info("confusion matrices (true class x matched cluster, counts and heat maps): %s", folder)

@@ -38,6 +38,9 @@ CONFIG, ENVIRONMENT, LOG = "config.json", "environment.json", "log.txt"
 FINAL_METRICS, EVAL_METRICS = "final_metrics.json", "eval_metrics.json"
 K_ESTIMATE, CLUSTER_SIZES, SKIPPED_IMAGES = "k_estimate.json", "cluster_sizes.json", "skipped_images.txt"
 RESUMES, LOCK = "resumes.jsonl", "run.lock"
+# The final evaluation's confusion matrices, runs with ground truth only (views/confusion.py):
+# CONFUSION_DIR/<split>_<head>.json (the counts, which report.py redraws) and .png (the heat map).
+CONFUSION_DIR = "confusion"
 
 
 def experiment_dir(args: Namespace) -> Path:

@@ -2,6 +2,7 @@
 
     python report.py outputs/cub outputs/cifar100            # tables of every finished run below
     python report.py outputs --split test --plots            # inductive split; learning curves too
+    python report.py --gallery outputs/digits/demo-...       # a web page of a run's clusters
 
 Runs are the folders holding ``config.json``; a finished run also holds ``final_metrics.json``
 (the others are counted and skipped). Runs are grouped by dataset and experiment, the
@@ -12,6 +13,11 @@ beside the published GET All accuracy of the dataset (``--published``, a CSV wit
 Writes ``<out_dir>/results.md`` (also printed) and ``<out_dir>/results.csv``; with ``--plots``,
 ``<out_dir>/plots/<dataset>_<experiment>.png``: All / Old / New per head over the epochs of
 ``metrics.jsonl`` (mean over the runs, shaded ± std), one row per evaluated split.
+
+results.md also lists, per experiment and head, the class pairs most confused in the runs'
+final evaluation (pooled over the runs, from their ``confusion/<split>_<head>.json``); with
+``--plots`` each run's confusion matrices are redrawn from those files, without the model, as
+``<out_dir>/plots/confusion/<dataset>_<experiment>/<run folder>_<split>_<head>.png``.
 """
 from __future__ import annotations
 
@@ -27,6 +33,9 @@ from pathlib import Path
 
 from errors import USER_ERRORS, InputError
 from runs.resume import CHANGEABLE_ON_RESUME
+from runs.run import CONFUSION_DIR
+from views import confusion
+from views.gallery import PER_CLUSTER
 from vocabulary import GROUPS, HEADS, SPLITS, STAGE2, metric_key, parse_metric_key
 
 PUBLISHED = Path(__file__).resolve().parent / "docs" / "published_results.csv"
@@ -41,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Tables (and curves) of finished GET runs: All/Old/New, "
                                 "mean ± std over seeds, beside the published numbers.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run folders, or folders searched for run folders")
+    p.add_argument("paths", nargs="*", help="run folders, or folders searched for run folders")
     p.add_argument("--split", default="train_unlabelled", choices=SPLITS,
                    help="train_unlabelled: the transductive protocol papers report; test: inductive")
     p.add_argument("--out_dir", default="report", help="where results.md, results.csv and plots/ go")
@@ -49,6 +58,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="CSV of published All accuracy (columns dataset, all, source)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=False,
                    help="also draw All/Old/New per head over epochs (needs matplotlib)")
+    g = p.add_argument_group("gallery", "a web page of one run's clusters of its unlabelled training images, "
+                             "made as predict.py --gallery makes one (see docs/predictions.md)")
+    g.add_argument("--gallery", metavar="RUN", default=None,
+                   help="run folder (its last.pt, else best.pt) or a stage-2 checkpoint")
+    g.add_argument("--gallery_out", metavar="DIR", default=None,
+                   help="folder of the page (new, empty, or an earlier gallery); default: RUN/gallery")
+    g.add_argument("--gallery_per_cluster", type=int, default=PER_CLUSTER, help="thumbnails per cluster")
+    g.add_argument("--name_candidates", default=None,
+                   help="text file, one candidate name per line: names the new clusters")
+    g.add_argument("--pretrained", default=None,
+                   help="CLIP weights of the run (needed when it was trained with a weights file)")
+    g.add_argument("--data_root", default=None, help="the run's dataset folder; default: the run's")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1")
     return p
 
 
@@ -79,6 +101,12 @@ def experiment_name(exp_name: str) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Write the report; returns its CSV rows."""
     opts = get_args_parser().parse_args(argv)
+    if opts.gallery:
+        write_run_gallery(opts)
+        if not opts.paths:
+            return []
+    if not opts.paths:
+        raise InputError("give the run folders to report on (or --gallery RUN for the page of one run)")
     finished, unfinished = find_runs(opts.paths)
     runs = [run for run in finished if metric_key(opts.split, "fused", "all") in run.final]
     for run in runs:
@@ -98,7 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         notes.append(f"{len(finished) - len(runs)} finished run(s) without {opts.split} metrics were left out.")
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = format_markdown(rows, opts.split, notes)
+    confusions = read_confusions(groups, opts.split)
+    markdown = format_markdown(rows, opts.split, notes, format_confusions(confusions, opts.split, out_dir, opts.plots))
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
     write_csv(out_dir / "results.csv", rows)
     print(markdown)
@@ -110,6 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"no plot of {dataset} / {experiment}: no evaluated epoch in its metrics.jsonl",
                       file=sys.stderr)
             written += [png] if png else []
+        written += draw_confusions(confusions, opts.split, out_dir)
     print("wrote " + ", ".join(map(str, written)))
     return rows
 
@@ -232,8 +262,9 @@ def format_cell(mean: float, std: float) -> str:
     return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def format_markdown(rows: list[dict], split: str, notes: list[str]) -> str:
-    """A table per dataset: experiment, head, runs, seeds, All, Old, New, published All."""
+def format_markdown(rows: list[dict], split: str, notes: list[str], extra: list[str] | None = None) -> str:
+    """A table per dataset: experiment, head, runs, seeds, All, Old, New, published All; then
+    the lines ``extra`` and the notes."""
     protocol = "transductive: the unlabelled training images" if split == "train_unlabelled" else \
         "inductive: the test split"
     lines = [f"# GET results: {split} ({protocol})", "",
@@ -249,6 +280,7 @@ def format_markdown(rows: list[dict], split: str, notes: list[str]) -> str:
                   for r in own]
         sources = sorted({r["published_source"] for r in own if r["published_source"]})
         lines += [""] + [f"Published: {source}" for source in sources] + ([""] if sources else [])
+    lines += extra or []
     if notes:
         lines += ["Notes:", ""] + [f"* {note}" for note in notes] + [""]
     return "\n".join(lines)
@@ -261,6 +293,57 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         for row in rows:
             writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else
                              (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# One run's confusion matrices of the report's split: {head: Confusion} (views/confusion.py),
+# empty where the run saved none (no ground truth, or made before they were saved).
+RunMatrices = tuple[RunRecord, dict[str, confusion.Confusion]]
+
+
+def read_confusions(groups: dict[tuple[str, str], list[RunRecord]],
+                    split: str) -> dict[tuple[str, str], list[RunMatrices]]:
+    """{(dataset, experiment): [(run, its confusion matrices of ``split``)]}."""
+    return {key: [(run, confusion.read_run(run.dir, CONFUSION_DIR, split)) for run in runs]
+            for key, runs in groups.items()}
+
+
+def confusion_png(out_dir: Path, run: RunRecord, split: str, head: str) -> Path:
+    return (out_dir / "plots" / "confusion" / f"{run.dataset}_{run.experiment}"
+            / f"{run.dir.name}_{split}_{head}.png")
+
+
+def format_confusions(confusions: dict[tuple[str, str], list[RunMatrices]], split: str, out_dir: Path,
+                      plots: bool) -> list[str]:
+    """Markdown lines: per experiment, each head's most confused class pairs pooled over its runs;
+    with ``plots``, links to each run's heat maps. None where no run saved a matrix."""
+    lines = []
+    for (dataset, experiment), runs in confusions.items():
+        found = [(run, matrices) for run, matrices in runs if matrices]
+        if not found:
+            continue
+        lines += [f"### {dataset} / {experiment}", "",
+                  "True class → the class whose matched cluster took its images: images / images of the true "
+                  f"class (share), summed over {len(found)} of {len(runs)} run(s), each under its own matching.",
+                  ""]
+        lines += confusion.pairs_table({head: [m[head] for _, m in found if head in m] for head in HEADS})
+        if plots:
+            lines += ["", "Confusion matrices (true classes × matched clusters, rows normalised):", ""]
+            lines += [f"* seed {run.seed} (`{run.dir.name}`): " + " · ".join(
+                f"[{head}]({confusion_png(out_dir, run, split, head).relative_to(out_dir).as_posix()})"
+                for head in matrices) for run, matrices in found]
+        lines.append("")
+    return [f"## Most confused classes: {split}", ""] + lines if lines else []
+
+
+def draw_confusions(confusions: dict[tuple[str, str], list[RunMatrices]], split: str, out_dir: Path) -> list[Path]:
+    """Each run's confusion matrices redrawn from its files (at ``confusion_png``); their paths."""
+    drawn = []
+    for runs in confusions.values():
+        for run, matrices in runs:
+            for head, matrix in matrices.items():
+                title = f"{run.dir.name}\n" + confusion.title_of(split, head, matrix, run.config.get("eval_func", "v2"))
+                drawn.append(confusion.draw(matrix, title, confusion_png(out_dir, run, split, head)))
+    return drawn
 
 
 def read_curves(run: RunRecord) -> dict[str, dict[int, float]]:
@@ -328,6 +411,30 @@ def plot_group(runs: list[RunRecord], dataset: str, experiment: str, folder: Pat
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_run_gallery(opts: argparse.Namespace) -> Path:
+    """The gallery of run ``opts.gallery``, by views/trained_run.py (imported only here: it loads
+    open_clip and the model, which the tables do not need); returns its index.html."""
+    from views.trained_run import gallery_of_run
+    from util.logging_utils import setup_logging
+
+    setup_logging(None)  # what the model's machinery reports: the matching, unreadable images, the page
+    run = Path(opts.gallery)
+    if run.is_dir():
+        found = [run / name for name in ("last.pt", "best.pt") if (run / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--gallery {run}: no last.pt or best.pt in this folder (a run that "
+                                    "finished stage 2 has them)")
+        checkpoint = found[0]
+    elif run.is_file():
+        checkpoint, run = run, run.parent
+    else:
+        raise FileNotFoundError(f"--gallery {run}: no such run folder or checkpoint")
+    folder, flag = (Path(opts.gallery_out), "--gallery_out") if opts.gallery_out else (run / "gallery", "--gallery")
+    return gallery_of_run(str(checkpoint), folder, flag, per_cluster=opts.gallery_per_cluster,
+                          name_candidates=opts.name_candidates, pretrained=opts.pretrained,
+                          data_root=opts.data_root, device=opts.device)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def demo_flags(repo: Path = REPO) -> list[str]:
     from the repository root, where the script runs."""
     text = (repo / "scripts" / "run_demo.sh").read_text().replace("\\\n", " ")
     command = next(line for line in text.splitlines() if line.startswith('"$PY" train.py'))
-    words = [w for w in shlex.split(command.split("train.py", 1)[1]) if w != "$@"]
+    words = shlex.split(command.split("train.py", 1)[1])
+    words = words[:words.index("$@")]  # the user's extra flags, and what the script does with the output
     weights = words.index("--pretrained") + 1
     words[weights] = str(repo / words[weights])
     return words

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import predict
+from views import trained_run
 import train
 from data.augmentations import get_transforms
 from data.data_utils import load_image
@@ -188,7 +189,7 @@ def test_name_by_candidates_is_the_cosine_to_the_mean_normalised_embedding():
     tes_out = torch.randn(12, 8, generator=gen) * torch.rand(12, 1, generator=gen) * 5
     clusters = np.array([0, 1, 2] * 4)
     text = F.normalize(torch.randn(6, 8, generator=gen), dim=-1)
-    named = predict.name_by_candidates(tes_out.numpy(), clusters, [0, 2], text, list("abcdef"))
+    named = trained_run.name_by_candidates(tes_out.numpy(), clusters, [0, 2], text, list("abcdef"))
     assert set(named) == {0, 2}
     for cluster, (name, sim) in named.items():
         rows = tes_out.numpy()[clusters == cluster].astype(np.float64)
@@ -199,7 +200,7 @@ def test_name_by_candidates_is_the_cosine_to_the_mean_normalised_embedding():
 
 def test_a_class_without_images_in_its_cluster_stays_unmatched():
     # All labelled images of classes 0 and 1 fall into cluster 3: only one class gets it.
-    matches = predict.match_old_classes(np.array([3, 3, 3, 5]), np.array([0, 0, 1, 2]))
+    matches = trained_run.match_old_classes(np.array([3, 3, 3, 5]), np.array([0, 0, 1, 2]))
     assert matches == {3: 0, 5: 2}
 
 

@@ -62,8 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", default="openai",
                    help="open_clip pretrained tag, a local checkpoint file, or 'none' (random init)")
     g.add_argument("--clip_cache_dir", default=None, help="open_clip download cache folder")
-    g.add_argument("--grad_from_block", type=int, default=11,
-                   help="visual transformer blocks from this index on are trained in stage 2")
+    g.add_argument("--grad_from_block", type=int, default=None,
+                   help="visual transformer blocks from this index on are trained in stage 2 (default: "
+                        "the last block of --clip_model, as the paper: 11 of ViT-B-16's 12, 23 of ViT-L-14's 24)")
     g.add_argument("--use_projection", action=switch, default=None,
                    help="visual branch keeps CLIP's visual projection (default: on for imagenet_1k only)")
     g.add_argument("--shared_head", action=switch, default=True,
@@ -177,6 +178,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.pretrained = None
     if args.memax_weight is None:
         args.memax_weight = MEMAX_WEIGHT.get(args.dataset_name, 1.0)
+    if args.grad_from_block is None:
+        args.grad_from_block = last_block(args.clip_model)
     if args.use_projection is None:
         args.use_projection = args.dataset_name == "imagenet_1k"
     args.device = resolve_device(args.device)
@@ -184,6 +187,15 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.amp = args.device.startswith("cuda")
     if args.progress is None:
         args.progress = sys.stderr.isatty()
+
+
+def last_block(clip_model: str) -> int | None:
+    """Index of the image encoder's last block (None for an unknown or non-ViT architecture,
+    which grad_from_block_problem reports)."""
+    try:
+        return config.vision_depth(clip_model) - 1
+    except ValueError:
+        return None
 
 
 def resolve_device(device: str) -> str:

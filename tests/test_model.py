@@ -24,6 +24,7 @@ from bench.reference import ReferenceGETModel, ReferenceTESStage
 from methods.get import dual_branch_loss
 from methods.tes import tes_loss
 from open_clip.transformer import QuickGELU
+from params import parse_args
 
 TINY = "GET-tiny"
 PROMPT = "a photo of a small red bird"  # exactly 7 BPE tokens between SOT and EOT
@@ -554,3 +555,20 @@ def test_vit_b16_shapes_on_meta_device(use_projection):
     assert all(v.dtype == torch.float32 for v in out.values())
     f, t = model.TESStage(clip, tes)(torch.empty(2, 3, 224, 224, device="meta"))
     assert f.shape == t.shape == (2, 512)
+
+
+@pytest.mark.parametrize("name, depth, width, embed, text_width", [
+    ("ViT-B-32", 12, 768, 512, 512), ("ViT-L-14", 24, 1024, 768, 768), ("ViT-L-14-336", 24, 1024, 768, 768)])
+def test_other_clips_get_their_last_block_and_their_own_widths(name, depth, width, embed, text_width):
+    # Built on the meta device: the shapes of both stages' models, no memory, no weights.
+    args = parse_args(["--device", "cpu", "--clip_model", name, "--pretrained", "none"])
+    assert args.grad_from_block == depth - 1  # the paper trains the last block, whatever the depth
+    with torch.device("meta"):  # built there directly, not on the CPU and then moved
+        clip = backbone.load_clip(name, None, device="meta")
+        tes = model.TextEmbeddingSynthesizer(clip, args.n_words)
+    assert tuple(tes.projector.weight.shape) == (args.n_words * text_width, embed)
+    projector = {k: torch.empty_like(v) for k, v in tes.projector.state_dict().items()}
+    trainable = model.build_get_model(clip, projector, model.GETConfig.from_flags(args, 100)).trainable_state_dict()
+    blocks = {key.split(".")[4] for key in trainable if key.startswith("clip.visual.transformer.resblocks.")}
+    assert blocks == {str(depth - 1)}
+    assert trainable["head.mlp.0.weight"].shape[1] == width  # the visual branch's feature: the ViT's width

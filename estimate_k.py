@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from backbone import build_clip
+from data.data_utils import skipped_images
 from data.task import check_max_classes, task_from_args
 from errors import USER_ERRORS, InputError
 from evaluation.k_estimate import KEstimate, estimate_k, format_estimate
@@ -69,8 +70,7 @@ def estimate_with_skips(clip, task, args, device, info) -> KEstimate:
     with tempfile.TemporaryDirectory() as scratch:  # loader workers record skipped images in a file
         skip_log = Path(scratch) / "skipped_images.txt"
         estimate = estimate_k(clip, task, args, device, info, skip_log)
-        skipped = sorted(set(skip_log.read_text(encoding="utf-8", errors="surrogateescape").splitlines())
-                         if skip_log.is_file() else [])
+        skipped = skipped_images(skip_log)
     for path in skipped:
         get_logger().warning("replaced by the next image (--skip_bad_images): %s", path)
     return estimate

@@ -47,7 +47,7 @@ import numpy as np
 
 from errors import USER_ERRORS, InputError
 from params import device_problem, prompt_template_problem, resolve_device
-from util.io import atomic_file
+from util.io import atomic_file, unwritable_parent
 from util.logging_utils import get_logger, setup_logging
 from views import gallery
 from views.trained_run import (BATCH_SIZE, ImageSource, cluster_summary, drop_unreadable, load_run, open_file,
@@ -161,14 +161,8 @@ def out_problem(out: str) -> str | None:
     path = Path(out)
     if out.endswith(("/", os.sep)) or path.is_dir():
         return f"--out {out} is a folder; give the path of the CSV file to write, e.g. {path / 'predictions.csv'}"
-    for folder in path.parents:  # the nearest one that exists must be a folder we may write in
-        if folder.exists():
-            if not folder.is_dir():
-                return f"--out {out}: {folder} is a file, not a folder; give a CSV path in a folder"
-            if not os.access(folder, os.W_OK):
-                return f"--out {out}: no permission to write in {folder}; give a CSV path in another folder"
-            break
-    return None
+    problem = unwritable_parent(path)
+    return f"--out {out}: {problem}; give a CSV path in a folder you can write to" if problem else None
 
 
 def check_out_is_no_input(out: Path, opts: Namespace, images: list[Path]) -> None:

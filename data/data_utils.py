@@ -289,11 +289,16 @@ def skip_bad_images(datasets: Sequence[Dataset], log_path: Path) -> None:
             dataset.skip_log = log_path
 
 
+def skipped_images(log_path: Path) -> list[str]:
+    """The distinct lines ``record_skipped_image`` wrote so far, sorted (one per skipped file)."""
+    if not log_path.is_file():
+        return []
+    return sorted(set(log_path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()))
+
+
 def count_skipped_images(log_path: Path) -> int:
     """Distinct files recorded by ``record_skipped_image`` so far."""
-    if not log_path.is_file():
-        return 0
-    return len(set(log_path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()))
+    return len(skipped_images(log_path))
 
 
 class MergedDataset(Dataset):

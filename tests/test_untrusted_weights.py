@@ -262,7 +262,7 @@ def test_is_local_weights_tells_files_from_tags():
     assert not backbone.is_local_weights("openai", "ViT-B/16")
     for value in (None, "", "none", "None"):
         assert not backbone.is_local_weights(value, TINY)
-    assert backbone.is_local_weights("/data/clip/ViT-B-16.pt", "ViT-B-16")
+    assert backbone.is_local_weights("downloads/ViT-B-16.pt", "ViT-B-16")
     assert backbone.is_local_weights("openai", TINY)  # GET-tiny has no tags: a file name
 
 

@@ -121,6 +121,19 @@ def unreadable_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def unwritable_parent(path: Path) -> str | None:
+    """Why nothing can be created at ``path`` (its nearest existing ancestor is a file, or a
+    folder this process may not write in); None if something can."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"no permission to write in {parent}"
+            return None
+    return None
+
+
 def save_json(obj: object, path: Path) -> None:
     """``obj`` as indented JSON (keys sorted; anything else JSON lacks as its str)."""
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

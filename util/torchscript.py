@@ -5,7 +5,8 @@ running it.
 files), and ``torch.load(weights_only=True)`` refuses such archives. Yet the weights need none of
 that code: an archive is a zip with ``<name>/data.pkl``, a pickle of the module tree whose
 objects are ``__torch__.*`` classes (the archive's own code) and whose tensors are
-``torch._utils._rebuild_tensor_v2`` calls on storages stored as ``<name>/data/<key>``.
+``torch._utils._rebuild_tensor_v2`` calls on storages, one zip entry each under the archive's
+top folder (``data/<key>``).
 Unpickling it with the classes replaced by inert stand-ins gives every tensor, and nothing runs.
 """
 from __future__ import annotations

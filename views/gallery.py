@@ -36,7 +36,8 @@ from PIL import Image
 
 from data.data_utils import IMAGE_ERRORS, to_rgb
 from errors import ImageLoadError, InputError
-from util.logging_utils import get_logger
+from util.io import unwritable_parent
+from util.logging_utils import get_logger, printable  # names as the log shows them
 
 MARKER = ".get-gallery"
 INDEX = "index.html"
@@ -94,14 +95,8 @@ def folder_problem(folder: Path, flag: str) -> str | None:
             return (f"{flag} {folder} holds files and no gallery; give a new or empty folder (a gallery is only "
                     f"written over an earlier gallery, which {MARKER} marks)")
         return None
-    for parent in folder.parents:  # the nearest one that exists must be a folder we may write in
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{flag} {folder}: {parent} is a file, not a folder; give a folder for the gallery"
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{flag} {folder}: no permission to write in {parent}; give a folder elsewhere"
-            break
-    return None
+    problem = unwritable_parent(folder)
+    return f"{flag} {folder}: {problem}; give a folder for the gallery where you can write" if problem else None
 
 
 def inside_problem(folder: Path, images: Path, flag: str, images_flag: str) -> str | None:
@@ -242,12 +237,6 @@ def file_link(file: Path, folder: Path) -> str:
     except ValueError:
         return Path(os.path.abspath(file)).as_uri()
     return quote(os.fsencode(Path(relative).as_posix()))
-
-
-def printable(text: str) -> str:
-    """``text`` as the page can carry it: bytes of a name that are not UTF-8 (surrogate escapes)
-    shown as ``\\xe9``, as the log shows them."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def inline_json(data: dict) -> str:

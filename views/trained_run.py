@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from backbone import build_clip, class_text_embeddings, get_tokenizer, is_local_weights
 from config import vision_image_size
 from data.augmentations import get_transforms
-from data.data_utils import NO_LABEL, RawSplit, load_image, read_utf8_lines, skip_bad_images
+from data.data_utils import NO_LABEL, RawSplit, load_image, read_utf8_lines, skip_bad_images, skipped_images
 from data.get_datasets import dataset_folder, get_datasets
 from data.task import Task, task_from_args
 from errors import CheckpointError, ImageLoadError, InputError
@@ -229,15 +229,9 @@ def match_on_labelled(model: GETModel, loader: DataLoader, device: str, progress
         skip_log = Path(scratch) / SKIPPED_IMAGES
         if skip_bad:
             skip_bad_images([loader.dataset], skip_log)
-        try:
-            on_labelled = predict_clusters(model, loader, device, progress, "labelled")
-        except ImageLoadError as error:
-            if skip_bad or "--skip_bad_images" in str(error):  # data/ may name the flag already
-                raise
-            raise ImageLoadError(f"{error} Or pass --skip_bad_images to replace it by the next labelled "
-                                 "image, as train.py does") from error
-        lines = skip_log.read_text(encoding="utf-8", errors="surrogateescape") if skip_log.is_file() else ""
-    for line in sorted(set(lines.splitlines())):
+        on_labelled = predict_clusters(model, loader, device, progress, "labelled")  # data/ names the flag
+        skipped = skipped_images(skip_log)
+    for line in skipped:
         get_logger().warning("replaced by the next labelled image (--skip_bad_images): %s", line)
     return {head: match_old_classes(on_labelled[head], on_labelled["target"]) for head in HEADS}
 

@@ -32,6 +32,7 @@ CELL_INCHES = 0.1     # a heat map grows by this per class or cluster ...
 MAP_INCHES = (3.0, 18.0)  # ... between these sides (200 classes reach the cap)
 MAX_LABELS = 50       # tick labels per axis at most: beyond, every k-th row / column is labelled
 NAME_CHARS = 32       # class names longer than this are cut in the tick labels
+MIN_FIGURE_WIDTH = 7.6  # inches: the x axis's title fits
 
 
 @dataclass
@@ -236,13 +237,21 @@ def figure(matrix: Confusion, title: str):
 
     rows, columns = matrix.counts.shape
     width, height = map_inches(columns), map_inches(rows)
-    # Room beyond the map: class names on the left, block labels and the colour bar on the right.
-    fig = Figure(figsize=(width + 4.0, height + 1.6), layout="constrained")
+    # Room beyond the map, in inches: class names on the left, the block labels and the colour
+    # bar on the right, the title and block labels above, cluster ids and the axis title below.
+    # Fixed margins, not a layout engine: matplotlib's constrained layout doubled the drawing time.
+    longest = max((len(_short(name)) for name in matrix.classes), default=1)
+    left, right, top, bottom = 0.7 + longest * 0.06, 1.4, 0.7, 0.8  # names at 8 pt: ~0.06 in a letter
+    spare = max(MIN_FIGURE_WIDTH - (width + left + right), 0.0)  # room for the x axis's title
+    left, right = left + spare / 2, right + spare / 2
+    fig = Figure(figsize=(width + left + right, height + top + bottom))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig_w, fig_h = fig.get_size_inches()
+    ax = fig.add_axes((left / fig_w, bottom / fig_h, width / fig_w, height / fig_h))
+    bar = fig.add_axes(((left + width + 0.55) / fig_w, bottom / fig_h, 0.15 / fig_w, height / fig_h))
     shares = matrix.counts / np.maximum(matrix.counts.sum(1, keepdims=True), 1)
     image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, pad=0.02).set_label("share of the true class's images (rows normalised)",
+    fig.colorbar(image, cax=bar).set_label("share of the true class's images (rows normalised)",
                                                    fontsize=8)
     old_columns, matched = matrix.blocks()
     row_blocks = _blocks([("old", 0, matrix.num_old), ("new", matrix.num_old, rows)])

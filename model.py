@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from backbone import (check_supported_clip, clip_autocast, device_of, frozen_copy, text_project, visual_project,
                       visual_tail, visual_trunk)
+from vocabulary import BRANCHES, heads_of
 
 # open_clip's tokenizer pads with id 0; the TES pads a shortened pseudo text with its embedding.
 PAD_TOKEN_ID = 0
@@ -333,71 +334,100 @@ class GETModel(_PartlyTrainable):
     trainable blocks and a frozen copy of blocks [g, depth) (taken when the model is built)
     that yields the CLIP image embedding for the TES. ``encode`` is the CLIP part (under bf16
     autocast with ``amp``), ``forward`` adds the fp32 text mapping and heads.
+
+    ``branches`` other than "both" keep one branch (vocabulary.BRANCHES): "visual" is SimGCD on
+    CLIP (no TES, no text mapping, no frozen copy), "text" the text branch alone (the whole
+    image encoder frozen). A missing branch's outputs are absent from every dict below, and
+    ``frozen_part`` gives None in its place.
     """
 
-    def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer,
+    def __init__(self, clip_model: open_clip.CLIP, tes: TextEmbeddingSynthesizer | None,
                  num_classes: int, grad_from_block: int = 11, use_projection: bool = False,
-                 head: HeadConfig = HeadConfig(), amp: bool = False):
+                 head: HeadConfig = HeadConfig(), amp: bool = False, branches: str = "both"):
         """
         Args:
             clip_model: the frozen CLIP from ``load_clip``; this model owns it, and its blocks
-                >= g become trainable.
-            tes: the stage-1 TES built for ``clip_model`` (always in eval mode here).
+                >= g become trainable (with a visual branch).
+            tes: the stage-1 TES built for ``clip_model`` (always in eval mode here); None,
+                and only None, for branches "visual".
             num_classes: K, the number of clusters.
-            grad_from_block: g in [0, depth]; 0 trains every block, depth none.
+            grad_from_block: g in [0, depth]; 0 trains every block, depth none (unused
+                without a visual branch).
             use_projection: keep CLIP's visual projection in the visual branch (ImageNet-1K).
             head: shared or per-branch heads and their widths.
             amp: run the CLIP encoders under bf16 autocast (``clip_autocast``).
+            branches: "both" (GET), "visual" or "text".
         """
         super().__init__()
-        tes.check_fits(clip_model)
+        if branches not in BRANCHES or (tes is None) != (branches == "visual"):
+            raise ValueError(f"branches must be one of {BRANCHES}, with a TES unless 'visual'; got "
+                             f"{branches!r} {'without' if tes is None else 'with'} a TES")
+        if tes is not None:
+            tes.check_fits(clip_model)
         visual = clip_model.visual
         depth = len(visual.transformer.resblocks)
         if not 0 <= grad_from_block <= depth:
             raise ValueError(f"--grad_from_block must be in [0, {depth}]; got {grad_from_block}")
-        self.clip, self.tes, self.amp = clip_model, tes, amp
-        self.grad_from_block, self.depth = grad_from_block, depth
-        self.use_projection = use_projection
-        self.frozen_tail = frozen_copy(visual.transformer.resblocks[grad_from_block:])
+        self.clip, self.tes, self.amp, self.branches = clip_model, tes, amp, branches
+        self.depth, self.use_projection = depth, use_projection
+        # Without a visual branch nothing of the image encoder trains: it all runs frozen.
+        self.grad_from_block = grad_from_block if branches != "text" else depth
+        self.frozen_tail = (frozen_copy(visual.transformer.resblocks[grad_from_block:])
+                            if branches == "both" else None)
         embed_dim = visual.output_dim
         self.feat_dim = embed_dim if use_projection else visual.transformer.width
-        self.text_map = nn.Linear(embed_dim, self.feat_dim)
+        self.text_map = nn.Linear(embed_dim, self.feat_dim) if tes is not None else None
         dims = dict(hidden_dim=head.hidden_dim, bottleneck_dim=head.bottleneck_dim)
         self.head = DINOHead(self.feat_dim, num_classes, **dims)
-        self.text_head = None if head.shared else DINOHead(self.feat_dim, num_classes, **dims)
+        separate = branches == "both" and not head.shared
+        self.text_head = DINOHead(self.feat_dim, num_classes, **dims) if separate else None
         self.to(device_of(clip_model))
         self.set_trainable()
         self.train()
+
+    @property
+    def heads_out(self) -> tuple[str, ...]:
+        """The heads this model predicts with (vocabulary.heads_of)."""
+        return heads_of(self.branches)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         blocks = self.clip.visual.transformer.resblocks
         modules = {f"clip.visual.transformer.resblocks.{i}": blocks[i]
                    for i in range(self.grad_from_block, self.depth)}
-        modules.update(text_map=self.text_map, head=self.head)
+        if self.text_map is not None:
+            modules["text_map"] = self.text_map
+        modules["head"] = self.head
         if self.text_head is not None:
             modules["text_head"] = self.text_head
         return modules
 
-    def frozen_part(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def frozen_part(self, images: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """What never trains in stage 2, without autograd and under bf16 autocast with ``amp``.
 
         Args:
             images: [N, 3, H, W].
 
         Returns:
-            tokens [N, L, width] after the frozen blocks [0, g); tes_out [N, embed_dim], the
-            TES output on the frozen CLIP image embedding. For the same images they never
-            change while stage 2 trains, so evaluation computes them once (evaluation.cache.EvalCache).
+            tokens [N, L, width] after the frozen blocks [0, g) (None without a visual
+            branch); tes_out [N, embed_dim], the TES output on the frozen CLIP image embedding
+            (None without a text branch). For the same images they never change while stage 2
+            trains, so evaluation computes them once (evaluation.cache.EvalCache).
         """
         visual = self.clip.visual
         with torch.no_grad(), clip_autocast(images.device.type, self.amp):
             tokens = visual_trunk(visual, images, self.grad_from_block)
-            clip_emb = visual_project(visual, visual_tail(self.frozen_tail, visual.ln_post, tokens))
-            return tokens, self.tes(self.clip, clip_emb)
+            if self.tes is None:
+                return tokens, None
+            tail = self.frozen_tail if self.frozen_tail is not None else []
+            tes_out = self.tes(self.clip, visual_project(visual, visual_tail(tail, visual.ln_post, tokens)))
+            return (tokens if self.branches == "both" else None), tes_out
 
-    def encode_from(self, tokens: Tensor, tes_out: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_from(self, tokens: Tensor | None, tes_out: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """The trainable blocks, ln_post (and the visual projection with ``use_projection``) on
-        the frozen part's outputs: (v_feat [N, feat_dim], tes_out), in the encoders' precision."""
+        the frozen part's outputs: (v_feat [N, feat_dim], tes_out), in the encoders' precision
+        (v_feat None without a visual branch)."""
+        if tokens is None:
+            return None, tes_out
         visual = self.clip.visual
         with clip_autocast(tokens.device.type, self.amp):
             v_feat = visual_tail(visual.transformer.resblocks[self.grad_from_block:], visual.ln_post, tokens)
@@ -405,7 +435,7 @@ class GETModel(_PartlyTrainable):
                 v_feat = visual_project(visual, v_feat)
         return v_feat, tes_out
 
-    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def encode(self, images: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The CLIP part of the model: (v_feat [N, feat_dim], tes_out [N, embed_dim]), in the
         encoders' precision (bf16 with amp); the frozen trunk runs once, without autograd."""
         return self.encode_from(*self.frozen_part(images))
@@ -413,41 +443,47 @@ class GETModel(_PartlyTrainable):
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """images [N, 3, H, W] -> dict of float32 tensors: 'v_feat', 't_feat' [N, feat_dim];
         'v_proj', 't_proj' [N, bottleneck_dim] (head MLP outputs); 'v_logits', 't_logits'
-        [N, K] (cosine logits). The text mapping and the heads run in fp32."""
+        [N, K] (cosine logits); those of the branches the model has. The text mapping and the
+        heads run in fp32."""
         return self.heads(*self.encode(images))
 
-    def heads(self, v_feat: Tensor, tes_out: Tensor) -> dict[str, Tensor]:
+    def heads(self, v_feat: Tensor | None, tes_out: Tensor | None) -> dict[str, Tensor]:
         """The text mapping and the head(s), in true fp32 (see ``forward``)."""
-        with clip_autocast(v_feat.device.type, False):
-            v_feat = v_feat.float()
-            t_feat = self.text_map(tes_out.float())
-            text_head = self.text_head if self.text_head is not None else self.head
-            v_proj, v_logits = self.head(v_feat)
-            t_proj, t_logits = text_head(t_feat)
-        return {"v_feat": v_feat, "t_feat": t_feat, "v_proj": v_proj, "v_logits": v_logits,
-                "t_proj": t_proj, "t_logits": t_logits}
+        out = {}
+        with clip_autocast((v_feat if v_feat is not None else tes_out).device.type, False):
+            if v_feat is not None:
+                out["v_feat"] = v_feat.float()
+                out["v_proj"], out["v_logits"] = self.head(out["v_feat"])
+            if tes_out is not None:
+                out["t_feat"] = self.text_map(tes_out.float())
+                text_head = self.text_head if self.text_head is not None else self.head
+                out["t_proj"], out["t_logits"] = text_head(out["t_feat"])
+        return out
 
     @torch.no_grad()
     def predict(self, images: Tensor, fuse_temperature: float = FUSE_TEMPERATURE) -> dict[str, Tensor]:
         """Evaluation outputs: 'v_logits', 't_logits' [N, K] and 'fused_probs' [N, K], the mean
         of softmax(logits / fuse_temperature) of both heads (1 as in the reference; 0.1 is the
-        training temperature); all float32. Does not change the train/eval mode: call
-        ``eval()`` first."""
+        training temperature); all float32; a single-branch model gives its logits only. Does
+        not change the train/eval mode: call ``eval()`` first."""
         return fuse(self(images), fuse_temperature)
 
     @torch.no_grad()
-    def predict_from(self, tokens: Tensor, tes_out: Tensor,
+    def predict_from(self, tokens: Tensor | None, tes_out: Tensor | None,
                      fuse_temperature: float = FUSE_TEMPERATURE) -> dict[str, Tensor]:
         """``predict`` on the outputs of ``frozen_part`` (the same computation, without it)."""
         return fuse(self.heads(*self.encode_from(tokens, tes_out)), fuse_temperature)
 
 
 def fuse(out: dict[str, Tensor], fuse_temperature: float) -> dict[str, Tensor]:
-    """The logits of both heads and their fused prediction (see ``GETModel.predict``)."""
+    """The logits of the heads and, with both, their fused prediction (see ``GETModel.predict``)."""
+    logits = {key: out[key] for key in ("v_logits", "t_logits") if key in out}
+    if len(logits) < 2:
+        return logits
     with clip_autocast(out["v_logits"].device.type, False):
         fused = (F.softmax(out["v_logits"] / fuse_temperature, dim=-1)
                  + F.softmax(out["t_logits"] / fuse_temperature, dim=-1)) / 2
-    return {"v_logits": out["v_logits"], "t_logits": out["t_logits"], "fused_probs": fused}
+    return {**logits, "fused_probs": fused}
 
 
 @dataclass(frozen=True)
@@ -460,17 +496,20 @@ class GETConfig:
     grad_from_block: int = 11
     use_projection: bool = False
     head: HeadConfig = HeadConfig()
+    branches: str = "both"
 
     @classmethod
     def from_flags(cls, args, num_classes: int) -> GETConfig:
         """The architecture the flags ask for, with K = ``num_classes``."""
         head = HeadConfig(args.shared_head, args.head_hidden_dim, args.head_bottleneck_dim)
-        return cls(num_classes, args.n_words, args.grad_from_block, args.use_projection, head)
+        return cls(num_classes, args.n_words, args.grad_from_block, args.use_projection, head, args.branches)
 
     @classmethod
     def from_meta(cls, meta: Mapping) -> GETConfig:
         head = HeadConfig(meta["shared_head"], meta["head_hidden_dim"], meta["head_bottleneck_dim"])
-        return cls(meta["num_classes"], meta["n_words"], meta["grad_from_block"], meta["use_projection"], head)
+        # Checkpoints from before --branches are GET's, both branches.
+        return cls(meta["num_classes"], meta["n_words"], meta["grad_from_block"], meta["use_projection"], head,
+                   meta.get("branches", "both"))
 
     def meta(self) -> dict:
         """The architecture as a checkpoint's meta records it."""
@@ -479,10 +518,13 @@ class GETConfig:
                 "head_bottleneck_dim": self.head.bottleneck_dim}
 
 
-def build_get_model(clip_model: open_clip.CLIP, tes_projector: dict, config: GETConfig,
+def build_get_model(clip_model: open_clip.CLIP, tes_projector: dict | None, config: GETConfig,
                     amp: bool = False) -> GETModel:
-    """The stage-2 model of ``config`` on ``clip_model``, with a trained TES projector."""
-    tes = TextEmbeddingSynthesizer(clip_model, n_words=config.n_words)
-    tes.projector.load_state_dict(tes_projector)
+    """The stage-2 model of ``config`` on ``clip_model``, with a trained TES projector (None for
+    branches "visual", which has no TES)."""
+    tes = None
+    if config.branches != "visual":
+        tes = TextEmbeddingSynthesizer(clip_model, n_words=config.n_words)
+        tes.projector.load_state_dict(tes_projector)
     return GETModel(clip_model, tes, config.num_classes, config.grad_from_block, config.use_projection,
-                    config.head, amp=amp)
+                    config.head, amp=amp, branches=config.branches)

@@ -16,10 +16,12 @@ import torch
 
 import config
 from util.dist import launched_world_size
-from vocabulary import STAGE1, STAGE2, parse_metric_key
+from vocabulary import BRANCHES, STAGE1, STAGE2, heads_of, parse_metric_key, reported_head
 
 # Mean-entropy weight of the paper per dataset (docs/method.md, "Stage 2"); 1 elsewhere.
 MEMAX_WEIGHT = {"cifar100": 4.0, "cub": 2.0}
+# SimGCD's own (its run scripts), for --branches visual: the same but for Herbarium19.
+SIMGCD_MEMAX_WEIGHT = {**MEMAX_WEIGHT, "herbarium_19": 2.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -96,26 +98,40 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "code's strings byte for byte (Black_footed_Albatross, aquarium_fish, "
                         "ImageNet 'cock'); tidy: underscores as spaces and open_clip's curated "
                         "ImageNet names")
+    g.add_argument("--align_weight", type=float, default=1.0,
+                   help="weight of the image-text alignment term (0 switches it off: an ablation)")
+    g.add_argument("--distill_ce_weight", type=float, default=1.0,
+                   help="weight of the distillation cross-entropy to the old classes' text (0: off)")
+    g.add_argument("--distill_mse_weight", type=float, default=1.0,
+                   help="weight of the distillation squared distance to the old classes' text (0: off)")
     g.add_argument("--tes_checkpoint", default=None,
                    help="stage-1 checkpoint for --stage get (default: tes.pt of the latest run "
                         "of the same --exp_name)")
 
     g = p.add_argument_group("stage 2")
+    g.add_argument("--branches", default="both", choices=BRANCHES,
+                   help="both: GET. visual: the visual branch alone, SimGCD on the same CLIP (no stage 1, "
+                        "no text branch, no CICO; SimGCD's mean-entropy weights). text: the text branch "
+                        "alone on the frozen TES")
     g.add_argument("--sup_weight", type=float, default=0.35,
                    help="lambda: weight of the supervised terms (1 - lambda for the unsupervised ones)")
     g.add_argument("--memax_weight", type=float, default=None,
-                   help="mean-entropy weight (default: 4 cifar100, 2 cub, 1 otherwise)")
+                   help="mean-entropy weight (default: 4 cifar100, 2 cub, 1 otherwise; with --branches "
+                        "visual, SimGCD's: 2 herbarium_19 too)")
     g.add_argument("--warmup_teacher_temp", type=float, default=0.07,
                    help="teacher temperature at the first epoch")
     g.add_argument("--teacher_temp", type=float, default=0.04,
                    help="teacher temperature after the warm-up")
     g.add_argument("--warmup_teacher_temp_epochs", type=int, default=30,
                    help="epochs of the linear teacher-temperature warm-up")
-    g.add_argument("--cico_weight", type=float, default=1.0, help="lambda_C of the CICO loss")
+    g.add_argument("--cico_weight", type=float, default=1.0,
+                   help="lambda_C of the CICO loss (0: GET without CICO, an ablation)")
     g.add_argument("--eval_func", default="v2", choices=("v2", "v2b"),
                    help="Hungarian accuracy: v2 (sample-averaged) or v2b (class-balanced)")
-    g.add_argument("--best_metric", default="train_unlabelled/fused/all",
-                   help="evaluation metric that selects best.pt")
+    g.add_argument("--best_metric", default=None,
+                   help="evaluation metric that selects best.pt (default: train_unlabelled/visual/all, "
+                        "the accuracy the paper reports; text/all with --branches text). The paper, "
+                        "as SimGCD, selects nothing: it reports the last epoch, last.pt")
 
     g = p.add_argument_group("runtime")
     g.add_argument("--stage", default="all", choices=(STAGE1, STAGE2, "all", "eval"),
@@ -177,7 +193,10 @@ def fill_defaults(args: argparse.Namespace) -> None:
     if args.pretrained and args.pretrained.lower() == "none":
         args.pretrained = None
     if args.memax_weight is None:
-        args.memax_weight = MEMAX_WEIGHT.get(args.dataset_name, 1.0)
+        weights = SIMGCD_MEMAX_WEIGHT if args.branches == "visual" else MEMAX_WEIGHT
+        args.memax_weight = weights.get(args.dataset_name, 1.0)
+    if args.best_metric is None:
+        args.best_metric = f"train_unlabelled/{reported_head(args.branches)}/all"
     if args.grad_from_block is None:
         args.grad_from_block = last_block(args.clip_model)
     if args.use_projection is None:
@@ -241,8 +260,16 @@ def find_problem(args: argparse.Namespace) -> str | None:
         ((args.stage == "eval") == bool(args.eval_checkpoint),
          "--stage eval and --eval_checkpoint PATH go together"),
         (parse_metric_key(args.best_metric) is not None,
-         "--best_metric must look like train_unlabelled/fused/all "
+         "--best_metric must look like train_unlabelled/visual/all "
          "(split: train_unlabelled|test, head: visual|text|fused, all|old|new)"),
+        ((parse_metric_key(args.best_metric) or ("", "visual"))[1] in heads_of(args.branches),
+         f"--best_metric {args.best_metric}: a --branches {args.branches} model has only the "
+         f"{'/'.join(heads_of(args.branches))} head"),
+        (min(args.align_weight, args.distill_ce_weight, args.distill_mse_weight) >= 0
+         and max(args.align_weight, args.distill_ce_weight, args.distill_mse_weight) > 0,
+         "--align_weight, --distill_ce_weight and --distill_mse_weight must be >= 0, and not all 0"),
+        (args.branches != "visual" or args.stage != STAGE1 and not args.tes_checkpoint,
+         "--branches visual (SimGCD on CLIP) has no stage 1 and no TES: drop --stage tes and --tes_checkpoint"),
     ]
     problem = next((message for ok, message in checks if not ok), None)
     return problem or grad_from_block_problem(args)

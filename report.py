@@ -7,8 +7,15 @@
 Runs are the folders holding ``config.json``; a finished run also holds ``final_metrics.json``
 (the others are counted and skipped). Runs are grouped by dataset and experiment, the
 ``--exp_name`` without the ``-seed<N>`` that scripts/run_seeds.sh appends, and summarised per
-head (visual, text, fused) as mean ± sample standard deviation (n - 1) over the runs, in %,
-beside the published GET All accuracy of the dataset (``--published``, a CSV with its source).
+head as mean ± sample standard deviation (n - 1) over the runs, in %. The reported head comes
+first: the visual one, whose last-epoch accuracy GET's paper reports (the text and fused heads
+are diagnostics), or the only head of a single-branch run (--branches visual / text); the
+published GET accuracy of the dataset (``--published``, a CSV with its source) stands beside
+the visual head of GET's runs only.
+
+``--ablation`` adds one table per dataset with a row per experiment (scripts/run_ablation.sh
+makes them): the flags it changes from GET, its reported head's All / Old / New and the change
+of All from GET's row, with the text and fused heads' All as diagnostics.
 
 Writes ``<out_dir>/results.md`` (also printed) and ``<out_dir>/results.csv``; with ``--plots``,
 ``<out_dir>/plots/<dataset>_<experiment>.png``: All / Old / New per head over the epochs of
@@ -36,14 +43,20 @@ from runs.resume import CHANGEABLE_ON_RESUME
 from runs.run import CONFUSION_DIR
 from views import confusion
 from views.gallery import PER_CLUSTER
-from vocabulary import GROUPS, HEADS, SPLITS, STAGE2, metric_key, parse_metric_key
+from vocabulary import GROUPS, HEADS, SPLITS, STAGE2, metric_key, parse_metric_key, reported_in
 
 PUBLISHED = Path(__file__).resolve().parent / "docs" / "published_results.csv"
 # Flags that may differ between the runs of one experiment without making them different
 # experiments: the seed, and where / how each ran.
 PER_RUN_FLAGS = frozenset({"seed", *CHANGEABLE_ON_RESUME})
-CSV_COLUMNS = ("dataset", "experiment", "split", "head", "runs", "seeds", "all_mean", "all_std", "old_mean",
-               "old_std", "new_mean", "new_std", "published_all", "published_source")
+CSV_COLUMNS = ("dataset", "experiment", "split", "head", "reported", "runs", "seeds", "all_mean", "all_std",
+               "old_mean", "old_std", "new_mean", "new_std", "published_all", "published_old", "published_new",
+               "published_source")
+# The flags an ablation row changes from GET (scripts/run_ablation.sh), with GET's values.
+ABLATION_FLAGS = {"branches": "both", "cico_weight": 1.0, "align_weight": 1.0, "distill_ce_weight": 1.0,
+                  "distill_mse_weight": 1.0}
+# The experiment an ablation table measures its rows against.
+ABLATION_BASE = "ablation-get"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +68,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="train_unlabelled: the transductive protocol papers report; test: inductive")
     p.add_argument("--out_dir", default="report", help="where results.md, results.csv and plots/ go")
     p.add_argument("--published", default=str(PUBLISHED),
-                   help="CSV of published All accuracy (columns dataset, all, source)")
+                   help="CSV of published GET accuracy (columns dataset, all, source; old, new optional)")
+    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=False,
+                   help="also one table of the experiments as ablation rows (scripts/run_ablation.sh)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=False,
                    help="also draw All/Old/New per head over epochs (needs matplotlib)")
     g = p.add_argument_group("gallery", "a web page of one run's clusters of its unlabelled training images, "
@@ -108,7 +123,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not opts.paths:
         raise InputError("give the run folders to report on (or --gallery RUN for the page of one run)")
     finished, unfinished = find_runs(opts.paths)
-    runs = [run for run in finished if metric_key(opts.split, "fused", "all") in run.final]
+    runs = [run for run in finished if metric_key(opts.split, reported_in(run.final), "all") in run.final]
     for run in runs:
         check_metrics(run, opts.split)
     if not runs:
@@ -119,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [row for (dataset, experiment), group in groups.items()
             for row in summarise(group, dataset, experiment, opts.split, published.get(dataset))]
     notes = group_notes(groups)
+    ablation = format_ablation(rows, groups) if opts.ablation else []
     if unfinished:
         notes.append(f"{unfinished} run folder(s) without final_metrics.json (unfinished, stage 1 only, or "
                      "--stage eval) were left out.")
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out_dir = Path(opts.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     confusions = read_confusions(groups, opts.split)
-    markdown = format_markdown(rows, opts.split, notes, format_confusions(confusions, opts.split, out_dir, opts.plots))
+    markdown = format_markdown(rows, opts.split, notes,
+                               ablation + format_confusions(confusions, opts.split, out_dir, opts.plots))
     (out_dir / "results.md").write_text(markdown, encoding="utf-8")
     write_csv(out_dir / "results.csv", rows)
     print(markdown)
@@ -178,10 +195,16 @@ def read_final(path: Path) -> dict:
     return final
 
 
+def run_heads(run: RunRecord, split: str) -> list[str]:
+    """The heads of a run's final metrics of ``split``, the reported one first."""
+    reported = reported_in(run.final)
+    return [reported] + [head for head in HEADS if head != reported and metric_key(split, head, "all") in run.final]
+
+
 def check_metrics(run: RunRecord, split: str) -> None:
     """Every accuracy of ``split`` that the tables read is a number, or the file is named."""
     path = run.dir / "final_metrics.json"
-    for key in (metric_key(split, head, group) for head in HEADS for group in GROUPS):
+    for key in (metric_key(split, head, group) for head in run_heads(run, split) for group in GROUPS):
         if key not in run.final:
             raise InputError(f"{path} has no {key}; repair or move that run folder")
         value = run.final[key]
@@ -197,8 +220,12 @@ def group_runs(runs: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
     return dict(sorted(groups.items()))
 
 
-def read_published(path: str) -> dict[str, tuple[float, str]]:
-    """{dataset: (All accuracy in %, source)} from a CSV with columns dataset, all, source."""
+Published = tuple[dict[str, float], str]  # ({'all': %, and 'old', 'new' where known}, source)
+
+
+def read_published(path: str) -> dict[str, Published]:
+    """{dataset: ({group: accuracy in %}, source)} from a CSV with columns dataset, all, source
+    and optionally old and new."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--published {path}: no such file")
@@ -210,11 +237,15 @@ def read_published(path: str) -> dict[str, tuple[float, str]]:
         for line, row in enumerate(reader, start=2):
             if not (row["dataset"] or "").strip() or not (row["all"] or "").strip():
                 continue
-            try:
-                published[row["dataset"].strip()] = (float(row["all"]), (row["source"] or "").strip())
-            except ValueError as err:
-                raise InputError(f"--published {path}, line {line}: 'all' must be a number in %, "
-                                  f"got {row['all']!r}") from err
+            figures = {}
+            for group in GROUPS:
+                cell = (row.get(group) or "").strip()
+                try:
+                    figures.update({group: float(cell)} if cell else {})
+                except ValueError as err:
+                    raise InputError(f"--published {path}, line {line}: '{group}' must be a number in %, "
+                                     f"got {cell!r}") from err
+            published[row["dataset"].strip()] = (figures, (row["source"] or "").strip())
         return published
 
 
@@ -224,16 +255,22 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarise(runs: list[RunRecord], dataset: str, experiment: str, split: str,
-              published: tuple[float, str] | None) -> list[dict]:
-    """One CSV row per head: accuracies in %, mean and std over the runs."""
+              published: Published | None) -> list[dict]:
+    """One CSV row per head of the runs, the reported head first: accuracies in %, mean and std
+    over the runs; the published figures beside the visual head of GET's runs (both branches)."""
+    heads = [head for head in run_heads(runs[0], split) if all(head in run_heads(run, split) for run in runs)]
+    is_get = all(run.config.get("branches", "both") == "both" for run in runs)
     rows = []
-    for head in HEADS:
-        row = {"dataset": dataset, "experiment": experiment, "split": split, "head": head, "runs": len(runs),
+    for head in heads:
+        row = {"dataset": dataset, "experiment": experiment, "split": split, "head": head,
+               "reported": head == heads[0], "runs": len(runs),
                "seeds": " ".join(str(s) for s in sorted(run.seed for run in runs))}
         for group in GROUPS:
             row[f"{group}_mean"], row[f"{group}_std"] = mean_std(
                 [100 * run.final[metric_key(split, head, group)] for run in runs])
-        row["published_all"], row["published_source"] = published if published else (math.nan, "")
+        figures, source = published if published and is_get and head == "visual" else ({}, "")
+        row.update({f"published_{group}": figures.get(group, math.nan) for group in GROUPS})
+        row["published_source"] = source
         rows.append(row)
     return rows
 
@@ -268,15 +305,16 @@ def format_markdown(rows: list[dict], split: str, notes: list[str], extra: list[
     protocol = "transductive: the unlabelled training images" if split == "train_unlabelled" else \
         "inductive: the test split"
     lines = [f"# GET results: {split} ({protocol})", "",
-             "Accuracy in %, mean ± standard deviation (n − 1) over runs; Hungarian-matched All / Old / New.",
-             ""]
+             "Accuracy in %, mean ± standard deviation (n − 1) over runs; Hungarian-matched All / Old / New. "
+             "**reported**: the head a paper reports (GET's paper: the visual head at the last epoch); the "
+             "others are diagnostics.", ""]
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         own = [row for row in rows if row["dataset"] == dataset]
-        lines += [f"## {dataset}", "", "| experiment | head | runs | seeds | All | Old | New | published All |",
+        lines += [f"## {dataset}", "", "| experiment | head | runs | seeds | All | Old | New | published All / Old / New |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['experiment']} | {r['head']} | {r['runs']} | {r['seeds']} | "
+        lines += [f"| {r['experiment']} | {head_cell(r)} | {r['runs']} | {r['seeds']} | "
                   f"{format_cell(r['all_mean'], r['all_std'])} | {format_cell(r['old_mean'], r['old_std'])} | "
-                  f"{format_cell(r['new_mean'], r['new_std'])} | {format_cell(r['published_all'], math.nan)} |"
+                  f"{format_cell(r['new_mean'], r['new_std'])} | {published_cell(r)} |"
                   for r in own]
         sources = sorted({r["published_source"] for r in own if r["published_source"]})
         lines += [""] + [f"Published: {source}" for source in sources] + ([""] if sources else [])
@@ -284,6 +322,49 @@ def format_markdown(rows: list[dict], split: str, notes: list[str], extra: list[
     if notes:
         lines += ["Notes:", ""] + [f"* {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+def head_cell(row: dict) -> str:
+    return f"**{row['head']}** (reported)" if row["reported"] else row["head"]
+
+
+def published_cell(row: dict) -> str:
+    """The published figures of a row: All, or All / Old / New where Old and New are known."""
+    figures = [row[f"published_{group}"] for group in GROUPS]
+    if math.isnan(figures[0]):
+        return ""
+    return " / ".join(f"{f:.1f}" for f in figures) if not any(map(math.isnan, figures)) else f"{figures[0]:.1f}"
+
+
+def ablation_change(config: dict) -> str:
+    """The flags of an ablation run that differ from GET's values ('GET' where none do)."""
+    changed = [f"--{flag} {config[flag]}" for flag, value in ABLATION_FLAGS.items()
+               if flag in config and config[flag] != value]
+    return " ".join(changed) or "GET"
+
+
+def format_ablation(rows: list[dict], groups: dict[tuple[str, str], list[RunRecord]]) -> list[str]:
+    """Markdown lines: per dataset, one row per experiment: what it changes from GET, its
+    reported head's All / Old / New (mean ± std), the change of All from ``ABLATION_BASE``'s
+    (where there is one) and the other heads' All as diagnostics."""
+    lines = []
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        own = [row for row in rows if row["dataset"] == dataset]
+        reported = {row["experiment"]: row for row in own if row["reported"]}
+        base = reported.get(ABLATION_BASE)
+        lines += [f"## Ablation: {dataset}", "",
+                  "| experiment | changes from GET | head | runs | All | Old | New | Δ All vs GET | text All | fused All |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for experiment, row in reported.items():
+            others = {r["head"]: format_cell(r["all_mean"], r["all_std"]) for r in own
+                      if r["experiment"] == experiment and not r["reported"]}
+            delta = "" if base is None or experiment == ABLATION_BASE else f"{row['all_mean'] - base['all_mean']:+.1f}"
+            lines.append(f"| {experiment} | {ablation_change(groups[dataset, experiment][0].config)} | {row['head']} | "
+                         f"{row['runs']} | {format_cell(row['all_mean'], row['all_std'])} | "
+                         f"{format_cell(row['old_mean'], row['old_std'])} | {format_cell(row['new_mean'], row['new_std'])} | "
+                         f"{delta} | {others.get('text', '')} | {others.get('fused', '')} |")
+        lines.append("")
+    return lines
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -325,7 +406,8 @@ def format_confusions(confusions: dict[tuple[str, str], list[RunMatrices]], spli
                   "True class → the class whose matched cluster took its images: images / images of the true "
                   f"class (share), summed over {len(found)} of {len(runs)} run(s), each under its own matching.",
                   ""]
-        lines += confusion.pairs_table({head: [m[head] for _, m in found if head in m] for head in HEADS})
+        lines += confusion.pairs_table({head: [m[head] for _, m in found if head in m] for head in HEADS
+                                        if any(head in m for _, m in found)})
         if plots:
             lines += ["", "Confusion matrices (true classes × matched clusters, rows normalised):", ""]
             lines += [f"* seed {run.seed} (`{run.dir.name}`): " + " · ".join(

@@ -4,6 +4,7 @@ dual-branch GCD model), with evaluation, TensorBoard, checkpoints and resume.
     python train.py --dataset_name cub                  # both stages, paper settings
     python train.py --dataset_name cub --stage get --tes_checkpoint outputs/cub/.../tes.pt
     python train.py --dataset_name cub --resume auto    # pick up the latest run of --exp_name
+    python train.py --dataset_name cub --branches visual  # the SimGCD baseline on the same CLIP
     torchrun --nproc_per_node 4 train.py --dataset_name imagenet_1k
 
 How it reads: ``main`` checks every input and opens the run; ``stage1`` and ``stage2`` each
@@ -38,13 +39,13 @@ from evaluation.evaluate import Evaluator
 from evaluation.k_estimate import estimate_k, format_estimate
 from methods.get import GETStep
 from methods.simgcd import teacher_temperature
-from methods.tes import TESStep
+from methods.tes import TES_LOSS_WEIGHTS, TESStep
 from model import GETConfig, TESStage, TextEmbeddingSynthesizer, build_get_model
 from params import flag_names, parse_args
 from runs.checkpoints import (BEST_FILE, LAST_FILE, TES_FILE, load_stage2_checkpoint, load_tes, model_from_checkpoint,
                               restore_state, save_state, save_tes, task_meta, tes_projector)
 from runs.resume import Resume, find_resume
-from runs.results import log_epoch, record_confusion, record_results
+from runs.results import log_epoch, record_confusion, record_results, tensorboard_layout
 from runs.run import (CLUSTER_SIZES, CONFIG, EVAL_METRICS, FINAL_METRICS, K_ESTIMATE, SKIPPED_IMAGES, Run,
                       find_tes_checkpoint, new_run_dir, open_run)
 from util.dist import barrier, cleanup_distributed, init_distributed, wrap_ddp
@@ -127,7 +128,7 @@ def stage1_checkpoint_path(args, resume: Resume | None) -> Path | None:
     """The stage-1 checkpoint of a run that does not train stage 1: --stage get's (the flag's,
     or the newest run's tes.pt), or the tes.pt of a resumed run that finished stage 1. None
     otherwise (a stage-2 state carries its own TES)."""
-    if args.stage == "eval" or resume and resume.stage == STAGE2:
+    if args.stage == "eval" or args.branches == "visual" or resume and resume.stage == STAGE2:
         return None
     if args.stage == STAGE2:
         return find_tes_checkpoint(args, resume.run_dir if resume else None)
@@ -142,28 +143,37 @@ def run_stages(run: Run, task: Task, clip, data: Loaders, inputs: Inputs) -> dic
     if args.stage == "eval":
         return finish(run, task, evaluate_checkpoint(run, task, clip, data, inputs.evaluated),
                       f"accuracy of {args.eval_checkpoint}", EVAL_METRICS)
-    if resume and resume.stage == STAGE2:
-        projector = tes_projector(resume.checkpoint)
-    elif inputs.tes is not None:
-        projector = stage1_result(run, task, inputs.tes_path, inputs.tes)
-    else:
-        projector = stage1(run, task, clip, data, resume.checkpoint if resume else None)
-    if projector is None or args.stage == STAGE1:
-        return {}
+    projector = None  # --branches visual, SimGCD on CLIP: no stage 1, no TES
+    if args.branches != "visual":
+        projector = trained_tes(run, task, clip, data, inputs)
+        if projector is None or args.stage == STAGE1:
+            return {}
     evaluated = stage2(run, task, clip, projector, data,
                        resume.checkpoint if resume and resume.stage == STAGE2 else None)
     return finish(run, task, evaluated, "final accuracy", FINAL_METRICS)
 
 
+def trained_tes(run: Run, task: Task, clip, data: Loaders, inputs: Inputs) -> dict | None:
+    """The TES projector that stage 2 trains with: the resumed stage-2 state's, the stage-1
+    checkpoint's that the run uses, or stage 1 trained now (None if stopped)."""
+    resume = inputs.resume
+    if resume and resume.stage == STAGE2:
+        return tes_projector(resume.checkpoint)
+    if inputs.tes is not None:
+        return stage1_result(run, task, inputs.tes_path, inputs.tes)
+    return stage1(run, task, clip, data, resume.checkpoint if resume else None)
+
+
 def finish(run: Run, task: Task, evaluated: tuple[dict, dict] | None, title: str, file_name: str) -> dict:
     """The final evaluation, (metrics, the predictions they come from), to the log and the run
-    folder: the accuracy table and the confusion matrices. Its metrics ({} if stopped)."""
+    folder: the accuracy table and the confusion matrices. Its metrics with the reported
+    accuracy, as saved ({} if stopped)."""
     if evaluated is None:
         return {}
     metrics, predictions = evaluated
-    record_results(metrics, task.ground_truth, run, title, file_name)
+    saved = record_results(metrics, task.ground_truth, run, title, file_name)
     record_confusion(predictions, task, run)
-    return metrics
+    return saved
 
 
 def stage1(run: Run, task: Task, clip, data: Loaders, checkpoint: dict | None) -> dict | None:
@@ -175,7 +185,7 @@ def stage1(run: Run, task: Task, clip, data: Loaders, checkpoint: dict | None) -
     old_names = task.class_names[:task.num_labeled_classes]
     class_text = class_text_embeddings(clip, get_tokenizer(args.clip_model), old_names, args.prompt_template)
     step = TESStep(wrap_ddp(model, run.info), class_text, float(clip.logit_scale.exp()), run.info,
-                   args.seed, args.word_drop, args.n_words)
+                   args.seed, args.word_drop, args.n_words, {name: getattr(args, name) for name in TES_LOSS_WEIGHTS})
     optimizer = sgd_cosine(model.trainable_parameters(), args.tes_lr, args.tes_epochs, args.momentum, args.weight_decay)
     stage = Stage(STAGE1, model, step, *optimizer, args.tes_epochs, task_meta(task, args.clip_model, args.n_words),
                   run.dir / LAST_FILE[STAGE1])
@@ -220,6 +230,7 @@ def stage2(run: Run, task: Task, clip, projector: dict, data: Loaders,
     stage = Stage(STAGE2, model, step, *optimizer, args.epochs, meta, run.dir / LAST_FILE[STAGE2],
                   schedule=lambda epoch: {"teacher_temp": teacher_temp(epoch)})
     evaluate_epoch, evaluator = stage2_evaluation(model, data, task, run)
+    tensorboard_layout(run, model.heads_out)
     outcome = fit(stage, data.train, run, checkpoint, evaluate_epoch, task.ground_truth)
     if outcome.stopped:
         return None

@@ -22,7 +22,8 @@ class EvalCache:
 
     def __init__(self, name: str, budget: int):
         self.name, self.budget = name, budget
-        self.batches: list[tuple[Tensor, ...]] = []  # (tokens, tes_out, targets, uq_idx)
+        # ((tokens, tes_out), targets, uq_idx); a single-branch model's frozen part has a None
+        self.batches: list[tuple[tuple[Tensor | None, Tensor | None], Tensor, Tensor]] = []
         self.built, self.full, self.size, self.device = False, False, 0, None
         self.rest: DataLoader | None = None  # the split's uncached batches, once built
 
@@ -32,8 +33,8 @@ class EvalCache:
             self.batches, self.full, self.size = [], False, 0
             yield from self._build(model, loader, device)
             return
-        for tokens, tes_out, targets, uq_idx in self.batches:
-            yield (tokens.to(device, non_blocking=True), tes_out.to(device, non_blocking=True)), targets, uq_idx
+        for frozen, targets, uq_idx in self.batches:
+            yield tuple(moved(t, device) for t in frozen), targets, uq_idx
         yield from frozen_batches(model, self.rest or [], device)
 
     def _build(self, model, loader: DataLoader, device: torch.device) -> Iterator[Batch]:
@@ -41,27 +42,30 @@ class EvalCache:
             self._store(batch, device)
             yield batch
         self.built = True
-        cached = sum(len(batch[2]) for batch in self.batches)
+        cached = sum(len(batch[1]) for batch in self.batches)
         self.rest = rest_of(loader, cached)
         get_logger().info("evaluation cache of %s: %d of %d images, %.2f GiB in %s memory; later "
                           "evaluations skip the frozen blocks and the TES", self.name, cached,
                           len(loader.sampler), self.size / 2**30, self.device or "no")
 
     def _store(self, batch: Batch, device: torch.device) -> None:
-        (tokens, tes_out), targets, uq_idx = batch
-        size = tokens.nbytes + tes_out.nbytes
+        frozen, targets, uq_idx = batch
+        size = sum(t.nbytes for t in frozen if t is not None)
         if self.full or self.size + size > self.budget:
             self.full = True  # the cache stays a prefix of the split's batches
             return
         if self.device is None:
             on_gpu = device.type == "cuda" and self.budget <= torch.cuda.mem_get_info(device)[0] / 2
             self.device = device if on_gpu else torch.device("cpu")
-        if self.device.type == "cpu" and device.type == "cuda":  # pinned: copied back asynchronously
-            stored = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in (tokens, tes_out)]
-        else:
-            stored = [t.to(self.device) for t in (tokens, tes_out)]
-        self.batches.append((*stored, targets, uq_idx))
+        pinned = self.device.type == "cpu" and device.type == "cuda"  # pinned: copied back asynchronously
+        stored = tuple(t if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) if pinned
+                       else t.to(self.device) for t in frozen)
+        self.batches.append((stored, targets, uq_idx))
         self.size += size
+
+
+def moved(tensor: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
 
 
 def rest_of(loader: DataLoader, skip: int) -> DataLoader | None:

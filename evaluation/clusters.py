@@ -25,30 +25,33 @@ def describe_clusters(preds: dict[str, dict[str, Tensor]], task: Task, sizes_fil
     ``sizes_file`` when given."""
     unlabelled, num_old, num_classes = preds["train_unlabelled"], task.num_labeled_classes, task.num_classes
     metrics: dict[str, float] = {"train_unlabelled/n_samples": len(unlabelled["index"])}
-    sizes = {head: torch.bincount(unlabelled[head], minlength=num_classes) for head in HEADS}
+    heads = [head for head in HEADS if head in unlabelled]
+    sizes = {head: torch.bincount(unlabelled[head], minlength=num_classes) for head in heads}
     for head, size in sizes.items():
         metrics[f"train_unlabelled/{head}/old_share"] = float(size[:num_old].sum() / max(size.sum(), 1))
         metrics[f"train_unlabelled/{head}/clusters_used"] = int(torch.count_nonzero(size))
     if "test" in preds:
         labelled = preds["test"]
         metrics["train_labelled/n_samples"] = len(labelled["index"])
-        for head in HEADS:
+        for head in heads:
             metrics[f"train_labelled/{head}/acc"] = float((labelled[head] == labelled["target"]).double().mean())
     metrics.update(agreement_metrics(preds))
     if sizes_file is not None:
         save_json({head: size.tolist() for head, size in sizes.items()}, sizes_file)
     get_logger().info("clusters of the unlabelled images (no ground truth: no accuracy; best.pt is the "
-                      "last epoch):%s\n    sizes (fused): %s", format_clusters(metrics, num_classes),
-                      " ".join(map(str, sizes["fused"].tolist())))
+                      "last epoch):%s\n    sizes (%s): %s", format_clusters(metrics, num_classes), heads[-1],
+                      " ".join(map(str, sizes[heads[-1]].tolist())))
     return metrics
 
 
 def agreement_metrics(preds: dict[str, dict[str, Tensor]]) -> dict[str, float]:
     """{'<split>/agreement/<same|matched>': share} of each split's predictions
     (``predict_split``): how alike the visual and text heads cluster it, without labels
-    (``branch_agreement``)."""
+    (``branch_agreement``); {} for a single-branch model."""
     metrics = {}
     for split, split_preds in preds.items():
+        if "visual" not in split_preds or "text" not in split_preds:
+            continue
         same, matched = branch_agreement(split_preds["visual"].numpy(), split_preds["text"].numpy())
         metrics.update({f"{split}/agreement/same": same, f"{split}/agreement/matched": matched})
     return metrics
@@ -57,11 +60,13 @@ def agreement_metrics(preds: dict[str, dict[str, Tensor]]) -> dict[str, float]:
 def format_clusters(metrics: dict, num_classes: int) -> str:
     """One row per head of what ``describe_clusters`` measured, then the heads' agreement."""
     n = metrics["train_unlabelled/n_samples"]
-    agreement = (f"\n    visual and text heads: the same cluster for {metrics['train_unlabelled/agreement/same']:.1%} "
-                 f"of the unlabelled images, {metrics['train_unlabelled/agreement/matched']:.1%} after matching "
-                 "their cluster ids")
+    agreement = "" if "train_unlabelled/agreement/same" not in metrics else (
+        f"\n    visual and text heads: the same cluster for {metrics['train_unlabelled/agreement/same']:.1%} "
+        f"of the unlabelled images, {metrics['train_unlabelled/agreement/matched']:.1%} after matching "
+        "their cluster ids")
     return "".join(
         f"\n    {head:<6} {metrics[f'train_unlabelled/{head}/old_share']:.1%} of {n} unlabelled images in "
         f"old-class clusters, {metrics[f'train_unlabelled/{head}/clusters_used']}/{num_classes} clusters used"
         + (f", labelled accuracy {metrics[f'train_labelled/{head}/acc']:.4f}"
-           if f"train_labelled/{head}/acc" in metrics else "") for head in HEADS) + agreement
+           if f"train_labelled/{head}/acc" in metrics else "")
+        for head in HEADS if f"train_unlabelled/{head}/old_share" in metrics) + agreement

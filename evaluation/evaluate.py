@@ -24,10 +24,11 @@ from vocabulary import GROUPS, HEADS
 
 
 def accuracies(preds: dict[str, Tensor], num_old: int, eval_func: str = "v2") -> dict[str, float]:
-    """{'<head>/<all|old|new>': accuracy, 'n_samples': N} of the predictions of ``predict_split``."""
+    """{'<head>/<all|old|new>': accuracy, 'n_samples': N} of the predictions of ``predict_split``,
+    for each head they hold."""
     y_true = preds["target"].numpy()
     metrics = {"n_samples": len(y_true)}
-    for head in HEADS:
+    for head in (h for h in HEADS if h in preds):
         accs = log_accs_from_preds(y_true, preds[head].numpy(), y_true < num_old, eval_func=eval_func)
         metrics.update({f"{head}/{group}": float(acc) for group, acc in zip(GROUPS, accs)})
     return metrics

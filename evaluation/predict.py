@@ -6,6 +6,8 @@ in sample order; ``predict_split`` uses it for the cluster of every image by eac
 stage-2 model (through the evaluation cache when there is one):
 
     preds = predict_split(model, loader, device, info)   # {'visual': [N], 'text', 'fused', 'target', 'index'}
+
+(a single-branch model, --branches visual or text, gives its one head).
 """
 from __future__ import annotations
 
@@ -52,16 +54,16 @@ def frozen_batches(model, loader: Iterable, device: torch.device) -> Iterator[Ba
         yield model.frozen_part(images.to(device, non_blocking=True)), targets, indices
 
 
-def head_clusters(out: dict[str, Tensor]) -> Tensor:
-    """Long [n, len(HEADS)]: each head's cluster (argmax) in the outputs of
-    ``GETModel.predict``, in HEADS order (one tensor: one copy to the host)."""
-    return torch.stack([out[HEAD_OUTPUTS[head]].argmax(1) for head in HEADS], dim=1)
+def head_clusters(out: dict[str, Tensor], heads: tuple[str, ...] = HEADS) -> Tensor:
+    """Long [n, len(heads)]: each head's cluster (argmax) in the outputs of
+    ``GETModel.predict``, in ``heads`` order (one tensor: one copy to the host)."""
+    return torch.stack([out[HEAD_OUTPUTS[head]].argmax(1) for head in heads], dim=1)
 
 
-def by_head(gathered: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``gathered`` with its 'clusters' [N, len(HEADS)] split into one [N] entry per head."""
-    clusters = gathered.pop("clusters", torch.empty(0, len(HEADS), dtype=torch.long))
-    return {**dict(zip(HEADS, clusters.T)), **gathered}
+def by_head(gathered: dict[str, Tensor], heads: tuple[str, ...] = HEADS) -> dict[str, Tensor]:
+    """``gathered`` with its 'clusters' [N, len(heads)] split into one [N] entry per head."""
+    clusters = gathered.pop("clusters", torch.empty(0, len(heads), dtype=torch.long))
+    return {**dict(zip(heads, clusters.T)), **gathered}
 
 
 @torch.no_grad()
@@ -72,6 +74,7 @@ def predict_split(model, loader: DataLoader, device: torch.device, info: DistInf
     (evaluation.cache.EvalCache) when given. None when ``stop`` says to stop."""
     model.eval()
     batches = cache.batches_of(model, loader, device) if cache else frozen_batches(model, loader, device)
-    gathered = gather_outputs(batches, lambda frozen: {"clusters": head_clusters(model.predict_from(*frozen))},
+    heads = model.heads_out
+    gathered = gather_outputs(batches, lambda frozen: {"clusters": head_clusters(model.predict_from(*frozen), heads)},
                               info, total=len(loader), progress=progress, stop=stop)
-    return None if gathered is None else by_head(gathered)
+    return None if gathered is None else by_head(gathered, heads)

@@ -2,6 +2,9 @@
 step that computes it (docs/method.md, "Stage 2").
 
     total = L_visual + L_text + cico_weight·L_cico
+
+A model of one branch (--branches visual: SimGCD on CLIP; --branches text) trains on that
+branch's L alone, without CICO.
 """
 from __future__ import annotations
 
@@ -59,18 +62,22 @@ def dual_branch_loss(
 ) -> Losses:
     """The module's total on the model's forward dict: 'v_logits' / 't_logits' [2B, K],
     'v_proj' / 't_proj' [2B, d], 'v_feat' / 't_feat' [2B, D]; teacher_temp = τ_t(epoch).
+    A dict of one branch's outputs (a single-branch model) gives that branch's total alone.
 
     Components: visual/<term> and text/<term> of ``branch_loss``, visual/total, text/total,
-    cico (unweighted).
+    cico (unweighted); those of the branches in ``out``.
     """
     total = 0.0
     components: dict[str, torch.Tensor] = {}
-    for branch, key in (("visual", "v"), ("text", "t")):
+    present = [(branch, key) for branch, key in (("visual", "v"), ("text", "t")) if f"{key}_logits" in out]
+    for branch, key in present:
         branch_total, parts = branch_loss(out[f"{key}_logits"], out[f"{key}_proj"], labels,
                                           labelled_mask, teacher_temp, sup_weight, memax_weight)
         total = total + branch_total
         components.update({f"{branch}/{name}": value for name, value in parts.items()})
         components[f"{branch}/total"] = branch_total.detach()
+    if len(present) < 2:
+        return total, components
     cico, cico_parts = cico_loss(out["v_feat"], out["t_feat"], labels, labelled_mask)
     components.update(cico_parts)
     return total + cico_weight * cico, components

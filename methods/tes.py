@@ -1,13 +1,14 @@
 """Stage 1: the loss of the Text Embedding Synthesizer and the training step that computes it
 (docs/method.md, "Stage 1").
 
-    loss = align + distill_ce + distill_mse
+    loss = align_weight·align + distill_ce_weight·distill_ce + distill_mse_weight·distill_mse
 
-Components also carry ``distill_acc``, a logged measurement that is not part of the loss.
+with every weight 1 in GET; the ablations switch terms off with a weight of 0. Components are
+the unweighted terms, and ``distill_acc``, a logged measurement that is not part of the loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,11 @@ def tes_alignment_loss(
 
 
 def tes_distill_loss(
-    t: torch.Tensor, labels: torch.Tensor, labelled_mask: torch.Tensor, class_text: torch.Tensor
+    t: torch.Tensor, labels: torch.Tensor, labelled_mask: torch.Tensor, class_text: torch.Tensor,
+    ce_weight: float = 1.0, mse_weight: float = 1.0,
 ) -> Losses:
-    """distill_ce + distill_mse over the M labelled rows, both means over them (0 if M = 0).
+    """ce_weight·distill_ce + mse_weight·distill_mse over the M labelled rows, both means over
+    them (0 if M = 0).
 
     t [2B, D]; class_text T [K_old, D], the CLIP text of the old classes (row = label).
     distill_ce = CE(norm(t)·norm(T)ᵀ, y); distill_mse = ‖norm(t) − norm(T)[y]‖².
@@ -53,7 +56,7 @@ def tes_distill_loss(
     hits = (logits.detach().argmax(dim=1) == safe_labels).to(logits.dtype)
     components = {"distill_ce": distill_ce.detach(), "distill_mse": distill_mse.detach(),
                   "distill_acc": masked_mean(hits, labelled_mask)}
-    return distill_ce + distill_mse, components
+    return ce_weight * distill_ce + mse_weight * distill_mse, components
 
 
 def tes_loss(
@@ -63,12 +66,21 @@ def tes_loss(
     labels: torch.Tensor,
     labelled_mask: torch.Tensor,
     class_text: torch.Tensor,
+    align_weight: float = 1.0,
+    distill_ce_weight: float = 1.0,
+    distill_mse_weight: float = 1.0,
 ) -> Losses:
-    """align + distill_ce + distill_mse; f, t [2B, D], class_text [K_old, D]. Components:
-    align, distill_ce, distill_mse and the measurement distill_acc (not in the total)."""
+    """align_weight·align + distill_ce_weight·distill_ce + distill_mse_weight·distill_mse;
+    f, t [2B, D], class_text [K_old, D]. Components: align, distill_ce, distill_mse (unweighted)
+    and the measurement distill_acc (not in the total)."""
     align, align_parts = tes_alignment_loss(f, t, logit_scale)
-    distill, distill_parts = tes_distill_loss(t, labels, labelled_mask, class_text)
-    return align + distill, {**align_parts, **distill_parts}
+    distill, distill_parts = tes_distill_loss(t, labels, labelled_mask, class_text, distill_ce_weight,
+                                              distill_mse_weight)
+    return align_weight * align + distill, {**align_parts, **distill_parts}
+
+
+# The flags that weigh tes_loss's terms: its keyword arguments of the same names.
+TES_LOSS_WEIGHTS = ("align_weight", "distill_ce_weight", "distill_mse_weight")
 
 
 def word_drop_mask(seed: int, word_drop: float, n_words: int, info: DistInfo, epoch: int, step: int,
@@ -98,9 +110,10 @@ class TESStep:
     seed: int = 0              # --seed (the word-dropout masks)
     word_drop: float = 0.0
     n_words: int = 7
+    weights: dict[str, float] = field(default_factory=dict)  # tes_loss's weights (default: its defaults)
 
     def __call__(self, images: Tensor, labels: Tensor, labelled: Tensor, epoch: int, step: int) -> Losses:
         keep = word_drop_mask(self.seed, self.word_drop, self.n_words, self.info, epoch, step, len(images))
         f, t = self.net(images, keep)
         b = gather_views({"f": f, "t": t, "labels": labels, "labelled": labelled}, self.info)
-        return tes_loss(b["f"], b["t"], self.logit_scale, b["labels"], b["labelled"], self.class_text)
+        return tes_loss(b["f"], b["t"], self.logit_scale, b["labels"], b["labelled"], self.class_text, **self.weights)

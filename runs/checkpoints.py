@@ -8,7 +8,8 @@ them, what each stage saves and how it is restored.
 
 A training state is {"meta", "stage", "loop" (engine.Position), "model" (the trainable
 modules' weights: CLIP itself is reloaded), "optimizer", "scheduler", "rng" (every generator),
-"args" (the run's flags)}, and in stage 2 "tes_projector". "meta" is what a checkpoint must
+"args" (the run's flags)}, and in stage 2 "tes_projector" (but for --branches visual, which has
+no TES). "meta" is what a checkpoint must
 agree on with a run to be used by it (``task_meta``); stage 2's adds the model's architecture
 (``model.GETConfig.meta``). Every file is plain data: it loads with ``weights_only=True``
 (util/io.py) and never runs code.
@@ -48,7 +49,7 @@ def save_state(stage: Stage, position: Position, args: Namespace, path: Path) ->
              "model": stage.model.trainable_state_dict(),
              "optimizer": stage.optimizer.state_dict(), "scheduler": stage.scheduler.state_dict(),
              "rng": rng_state(), "args": json.loads(json.dumps(vars(args), default=str))}
-    if stage.name == STAGE2:  # the frozen TES it trains with, so that the file stands alone
+    if stage.name == STAGE2 and stage.model.tes is not None:  # its frozen TES, so that the file stands alone
         state["tes_projector"] = stage.model.tes.projector.state_dict()
     atomic_save(state, path)
 
@@ -86,7 +87,8 @@ def load_stage2_checkpoint(path: str | Path, flag: str, expect: Mapping[str, Any
     """``load_checkpoint`` of a checkpoint that must hold a trained stage-2 model (``flag`` names
     the option that gave ``path``, for the message)."""
     checkpoint = load_checkpoint(path, expect)
-    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != STAGE2 or "tes_projector" not in checkpoint:
+    if not isinstance(checkpoint, dict) or checkpoint.get("stage") != STAGE2 or not (
+            "tes_projector" in checkpoint or checkpoint.get("meta", {}).get("branches") == "visual"):
         raise CheckpointError(f"{flag} {path} is not a stage-2 checkpoint: pass {LAST_FILE[STAGE2]} or "
                               f"{BEST_FILE} of a run that trained stage 2 ({TES_FILE} and "
                               f"{LAST_FILE[STAGE1]} hold stage 1 only)")
@@ -97,7 +99,7 @@ def model_from_checkpoint(clip: open_clip.CLIP, checkpoint: Mapping[str, Any], p
                           amp: bool = False) -> GETModel:
     """The stage-2 model of a stage-2 checkpoint (read from ``path``), rebuilt from the
     architecture it records, with its trained weights."""
-    model = build_get_model(clip, checkpoint["tes_projector"], GETConfig.from_meta(checkpoint["meta"]), amp)
+    model = build_get_model(clip, checkpoint.get("tes_projector"), GETConfig.from_meta(checkpoint["meta"]), amp)
     try:
         model.load_trainable_state_dict(checkpoint["model"])
     except ValueError as err:

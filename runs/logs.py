@@ -11,17 +11,19 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from util.logging_utils import METRICS_FILE, TENSORBOARD_DIR
-from vocabulary import STAGE2, STAGES
+from vocabulary import EVAL_TAG, REPORTED_TAG, STAGE2, STAGES
 
 
 def keeps(stage: str, epoch: int, global_step: int) -> Callable[[str, int], bool]:
     """Whether a logged scalar (tag, step) lies before a resume point of ``stage`` at
     (``epoch`` completed epochs, ``global_step`` steps): per-step tags ``<stage>/loss/*``
-    count steps, every other tag of the stage (and ``eval/*`` of stage 2) counts epochs."""
+    count steps, every other tag of the stage (and ``eval/*``, ``accuracy/*`` of stage 2) counts
+    epochs."""
     later = STAGES[STAGES.index(stage) + 1:]
 
     def keep(tag: str, step: int) -> bool:
-        owner = STAGE2 if tag.startswith("eval/") else tag.split("/", 1)[0]
+        owner = tag.split("/", 1)[0]
+        owner = STAGE2 if owner in (EVAL_TAG, REPORTED_TAG) else owner
         if owner in later:
             return False
         if owner != stage:

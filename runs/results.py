@@ -1,6 +1,9 @@
 """What a run prints and records of its results: one line per epoch (console, ``log.txt``,
 ``metrics.jsonl``, TensorBoard), the final accuracy table (log and a JSON file) and the final
-confusion matrices (log and files)."""
+confusion matrices (log and files).
+
+Each leads with the reported accuracy (``vocabulary.reported_head``): the visual head's, which
+GET's paper reports (its last epoch), the text and fused heads following as diagnostics."""
 from __future__ import annotations
 
 from data.data_utils import count_skipped_images
@@ -10,7 +13,7 @@ from runs.run import CLUSTER_SIZES, CONFUSION_DIR, SKIPPED_IMAGES, Run
 from util.io import save_json
 from util.logging_utils import TENSORBOARD_DIR, get_logger
 from views import confusion
-from vocabulary import GROUPS, HEADS, SPLITS, metric_key
+from vocabulary import EVAL_TAG, GROUPS, HEADS, REPORTED_TAG, SPLITS, STAGE2, metric_key, reported_in
 
 
 def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:
@@ -26,41 +29,95 @@ def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None
         record["skipped_images"] = skipped
         get_logger().warning("skipped %d unreadable images so far (listed in %s)", skipped,
                              run.dir / SKIPPED_IMAGES)
+    reported = reported_in(metrics)
     run.logger.log_scalars({f"{stage.name}/lr": record["lr"],
                             **{f"{stage.name}/epoch_loss/{k}": v for k, v in record["loss"].items()},
                             **{f"{stage.name}/{k}": v for k, v in schedule.items()},
-                            **{f"eval/{k}": v for k, v in metrics.items() if not k.endswith("n_samples")}},
+                            **{f"{EVAL_TAG}/{k}": v for k, v in metrics.items() if not k.endswith("n_samples")},
+                            **reported_scalars(metrics, reported)},
                            epoch)
     run.logger.log_epoch(record)
     get_logger().info("%s epoch %d/%d  loss %.4f  lr %.4g  (%.1fs)%s", stage.name, epoch + 1,
                       stage.epochs, record["loss"].get("total", float("nan")), record["lr"],
-                      record["seconds"], format_eval(metrics))
+                      record["seconds"], format_eval(metrics, reported))
 
 
-def format_eval(metrics: dict) -> str:
-    """Rows of All/Old/New per head for each evaluated split, then how alike the two heads
-    cluster it (``evaluation.clusters.agreement_metrics``); '' without metrics."""
-    rows = [f"\n    {split:<17}" + "  ".join(
-        f"{head} " + "/".join(f"{metrics[metric_key(split, head, group)]:.4f}" for group in GROUPS)
-        for head in HEADS)
-        + f"  agree {metrics[f'{split}/agreement/same']:.4f}/{metrics[f'{split}/agreement/matched']:.4f}"
-        for split in SPLITS if metric_key(split, HEADS[0], GROUPS[0]) in metrics]
-    header = "  (All/Old/New; agree: visual and text in the same cluster, as numbered/after matching)"
-    return header + "".join(rows) if rows else ""
+def reported_scalars(metrics: dict, head: str) -> dict[str, float]:
+    """{'accuracy/<split>/<group>': value} of the reported head, for TensorBoard."""
+    return {f"{REPORTED_TAG}/{split}/{group}": metrics[metric_key(split, head, group)]
+            for split in SPLITS for group in GROUPS if metric_key(split, head, group) in metrics}
+
+
+def tensorboard_layout(run: Run, heads: tuple[str, ...]) -> None:
+    """TensorBoard's Custom Scalars page: the reported accuracy first, then the other heads
+    (diagnostics), the agreement of the two heads and stage 2's loss."""
+    reported = "visual" if "visual" in heads else heads[0]
+
+    def chart(tags: list[str]) -> list:
+        return ["Multiline", tags]
+
+    diagnostics = {f"{split} / {head}": chart([f"eval/{metric_key(split, head, g)}" for g in GROUPS])
+                   for head in heads if head != reported for split in SPLITS}
+    if len(heads) > 1:
+        diagnostics.update({f"{split} / agreement": chart([f"eval/{split}/agreement/same", f"eval/{split}/agreement/matched"])
+                            for split in SPLITS})
+    layout = {f"1. reported accuracy: the {reported} head (as the paper), All/Old/New": {
+                  split: chart([f"{REPORTED_TAG}/{split}/{g}" for g in GROUPS]) for split in SPLITS},
+              "2. diagnostics: the other heads": diagnostics,
+              "3. stage 2 loss": {"total": chart([f"{STAGE2}/epoch_loss/total"])}}
+    run.logger.set_layout({category: charts for category, charts in layout.items() if charts})
+
+
+def format_eval(metrics: dict, reported: str = "visual") -> str:
+    """Rows of All/Old/New for each evaluated split, the reported head first, then the other
+    heads (diagnostics) and how alike the two heads cluster it
+    (``evaluation.clusters.agreement_metrics``); '' without metrics."""
+    def accuracy(split: str, head: str) -> str:
+        return f"{head} " + "/".join(f"{metrics[metric_key(split, head, group)]:.4f}" for group in GROUPS)
+
+    def row(split: str) -> str:
+        others = [accuracy(split, head) for head in HEADS
+                  if head != reported and metric_key(split, head, GROUPS[0]) in metrics]
+        if f"{split}/agreement/same" in metrics:
+            others.append(f"agree {metrics[f'{split}/agreement/same']:.4f}/{metrics[f'{split}/agreement/matched']:.4f}")
+        return f"\n    {split:<17}{accuracy(split, reported)}" + ("  |  " + "  ".join(others) if others else "")
+
+    rows = [row(split) for split in SPLITS if metric_key(split, reported, GROUPS[0]) in metrics]
+    header = f"  (All/Old/New; {reported}: the reported accuracy, as the paper"
+    if any("|" in r for r in rows):
+        header += "; after |, diagnostics" + ("; agree: visual and text in the same cluster, as numbered/after "
+                                              "matching" if any("agree" in r for r in rows) else "")
+    return header + ")" + "".join(rows) if rows else ""
+
+
+def reported_summary(metrics: dict, head: str) -> dict:
+    """The reported accuracy of the final metrics: what a paper's table would hold."""
+    split = SPLITS[0]
+    return {"head": head, "split": split, **{group: metrics[metric_key(split, head, group)] for group in GROUPS},
+            "note": f"the {head} head on the unlabelled training images at the last epoch, as GET's paper "
+                    "reports; the other heads are diagnostics"}
 
 
 def record_results(metrics: dict, ground_truth: bool, run: Run, title: str, file_name: str) -> dict:
-    """The final metrics to the log and to ``file_name`` in the run folder. Without ground truth
-    (folder dataset, labelled/unlabelled layout) there is no accuracy, only what the clusters show."""
+    """The final metrics to the log and to ``file_name`` in the run folder, with the reported
+    accuracy as its "reported" entry; returns what was saved. Without ground truth (folder
+    dataset, labelled/unlabelled layout) there is no accuracy, only what the clusters show."""
+    log, head = get_logger(), reported_in(metrics)
+    saved = dict(metrics)
     if ground_truth:
-        get_logger().info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics))
+        log.info("%s (%s)%s", title, run.args.eval_func, format_eval(metrics, head))
+        if metric_key(SPLITS[0], head, GROUPS[0]) in metrics:
+            saved["reported"] = reported_summary(metrics, head)
+            values = [metrics[metric_key(SPLITS[0], head, group)] for group in GROUPS]
+            log.info("reported accuracy (the %s head on %s, as the paper): All %.4f  Old %.4f  New %.4f",
+                     head, SPLITS[0], *values)
     else:  # describe_clusters has just logged the clusters
-        get_logger().info("%s: the unlabelled images have no ground truth, so there is no accuracy; their "
-                          "clusters are above, their sizes in %s", title, run.dir / CLUSTER_SIZES)
-    get_logger().info("TensorBoard: tensorboard --logdir %s", run.dir / TENSORBOARD_DIR)
+        log.info("%s: the unlabelled images have no ground truth, so there is no accuracy; their "
+                 "clusters are above, their sizes in %s", title, run.dir / CLUSTER_SIZES)
+    log.info("TensorBoard: tensorboard --logdir %s", run.dir / TENSORBOARD_DIR)
     if run.info.is_main:
-        save_json(metrics, run.dir / file_name)
-    return metrics
+        save_json(saved, run.dir / file_name)
+    return saved
 
 
 def record_confusion(predictions: dict, task: Task, run: Run) -> None:

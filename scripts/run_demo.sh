@@ -11,7 +11,8 @@
 # learning rate, a narrower head MLP, fewer epochs and a 10-epoch teacher warm-up.
 #
 # It ends with a web page of the clusters of the unlabelled training digits (report.py
-# --gallery: RUN/gallery/index.html), their new clusters named from the ten digit names.
+# --gallery: RUN/gallery/index.html), their new clusters named from the ten digit names
+# (DEMO_GALLERY=0: no page).
 set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 # One thread unless asked otherwise: the model is too small to gain from more, and on cores
@@ -28,8 +29,12 @@ trap 'rm -f "$log" "$names"' EXIT
 
 # The run's folder, as train.py names it in its first lines (extra flags may have moved it).
 run_dir="$(sed -n 's/^.* INFO run folder: //p' "$log" | tail -n 1)"
-if [ -z "$run_dir" ] || [ ! -f "$run_dir/last.pt" ]; then
-    exit 0  # no stage-2 model (e.g. --stage tes): nothing to show
+if [ -z "$run_dir" ] || [ ! -f "$run_dir/last.pt" ] || [ "${DEMO_GALLERY:-1}" = 0 ]; then
+    exit 0  # no stage-2 model (e.g. --stage tes), or no page asked for (DEMO_GALLERY=0)
+fi
+if ! "$PY" -c 'import json, sys; sys.exit(json.load(open(sys.argv[1])).get("branches", "both") != "both")' \
+        "$run_dir/config.json"; then
+    exit 0  # a single-branch ablation: the page shows GET's fused clusters
 fi
 printf '%s\n' zero one two three four five six seven eight nine > "$names"
 "$PY" report.py --gallery "$run_dir" --pretrained weights/GET-tiny-digits.pt --name_candidates "$names" \

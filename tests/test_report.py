@@ -73,14 +73,23 @@ def test_means_and_sample_stds_over_the_seeds(runs, tmp_path, capsys, split):
 def test_published_numbers_come_from_the_csv_with_their_source(runs, tmp_path):
     shipped = report.read_published(report.PUBLISHED)
     assert {k: v[0] for k, v in shipped.items()} == {
-        "imagenet_100": 91.7, "cifar100": 82.1, "scars": 78.5, "cub": 77.0}
+        "cifar10": {"all": 97.2}, "cifar100": {"all": 82.1}, "imagenet_100": {"all": 91.7},
+        "imagenet_1k": {"all": 62.4}, "cub": {"all": 77.0}, "scars": {"all": 78.5}, "aircraft": {"all": 58.9}}
     assert all("GET" in source and "2403.09974" in source for _, source in shipped.values())
     mine = tmp_path / "published.csv"  # a user's own line, as the README says to add
     mine.write_text("dataset,all,source\ndigits,42.5,my notebook\n")
     report.main([str(runs), "--out_dir", str(tmp_path / "r"), "--published", str(mine)])
-    assert {row["published_all"] for row in read_rows(tmp_path / "r" / "results.csv").values()} == {"42.5"}
+    rows = read_rows(tmp_path / "r" / "results.csv")
+    # Beside the head the paper reports only: the visual one, first.
+    assert list(rows) == ["visual", "text", "fused"] and rows["visual"]["reported"] == "True"
+    assert {head: row["published_all"] for head, row in rows.items()} == {"visual": "42.5", "text": "", "fused": ""}
     markdown = (tmp_path / "r" / "results.md").read_text()
-    assert "| 42.5 |" in markdown and "Published: my notebook" in markdown
+    assert "| get | **visual** (reported) |" in markdown and "| 42.5 |" in markdown
+    assert "Published: my notebook" in markdown
+    with_groups = tmp_path / "groups.csv"  # Old and New, where a source gives them
+    with_groups.write_text("dataset,all,old,new,source\ndigits,42.5,40.0,43.25,my table\n")
+    report.main([str(runs), "--out_dir", str(tmp_path / "g"), "--published", str(with_groups)])
+    assert "| 42.5 / 40.0 / 43.2 |" in (tmp_path / "g" / "results.md").read_text()
     # The published numbers are transductive: not shown beside the test split.
     report.main([str(runs), "--out_dir", str(tmp_path / "t"), "--published", str(mine), "--split", "test"])
     assert "42.5" not in (tmp_path / "t" / "results.md").read_text()

@@ -103,6 +103,11 @@ class RunLogger:
         for tag, value in scalars.items():
             self._tb.add_scalar(tag, float(value), step)
 
+    def set_layout(self, layout: Mapping[str, Mapping[str, list]]) -> None:
+        """TensorBoard's Custom Scalars page: {category: {chart: ["Multiline", [tags]]}}, in order."""
+        if self.enabled:
+            self._tb.add_custom_scalars(dict(layout))
+
     def log_epoch(self, record: Mapping[str, object]) -> None:
         """Append one JSON line (an epoch's summary) to ``metrics.jsonl``."""
         if not self.enabled:

@@ -109,7 +109,7 @@ def run_matrices(preds: dict, class_names, num_old: int, num_clusters: int) -> d
     """{(split, head): Confusion} of an evaluation's predictions ({split: ``predict_split``})."""
     return {(split, head): confusion_matrix(preds[split]["target"], preds[split][head], class_names, num_old,
                                             num_clusters)
-            for split in SPLITS if split in preds for head in HEADS}
+            for split in SPLITS if split in preds for head in HEADS if head in preds[split]}
 
 
 # ------------------------------------------------------------------ the most confused classes

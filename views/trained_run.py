@@ -288,6 +288,11 @@ def read_stage2_checkpoint(path: str, flag: str = "--checkpoint") -> dict:
     ckpt = load_stage2_checkpoint(path, flag)
     if not isinstance(ckpt.get("args"), dict):
         raise CheckpointError(f"{flag} {path} does not carry the flags of its run ('args')")
+    branches = ckpt["meta"].get("branches", "both")
+    if branches != "both":  # predictions, names and the gallery are GET's fused clusters
+        raise CheckpointError(f"{flag} {path} is a --branches {branches} run (an ablation): predictions and "
+                              "galleries are made from GET's two branches. Its accuracy: train.py --stage eval "
+                              f"--eval_checkpoint {path}")
     return ckpt
 
 

@@ -202,8 +202,9 @@ def check_supported_clip(clip: nn.Module) -> None:
     a ViT with class-token pooling and ln_post before pooling, batch-first transformers."""
     if not isinstance(clip, open_clip.CLIP) or not isinstance(clip.visual, VisionTransformer):
         raise ValueError("GET needs an open_clip CLIP with a ViT image encoder and the standard "
-                         f"text tower; got {type(clip).__name__} "
-                         "(choose e.g. --clip_model ViT-B-16)")
+                         f"text tower; got a {type(clip).__name__} with a "
+                         f"{type(getattr(clip, 'visual', None)).__name__} image encoder "
+                         "(supported: the ViTs of open_clip's CLIP, e.g. ViT-B-16, ViT-L-14; see README)")
     visual = clip.visual
     if (visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool
             or visual.proj is None):

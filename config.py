@@ -135,8 +135,8 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-def clip_vision_config(model_name: str) -> dict:
-    """The image-encoder config of an open_clip architecture (``ViT-B/16`` or ``ViT-B-16``)."""
+def clip_config(model_name: str) -> dict:
+    """The config of an open_clip architecture (``ViT-B/16`` or ``ViT-B-16``)."""
     import open_clip
 
     register_model_configs()
@@ -144,7 +144,12 @@ def clip_vision_config(model_name: str) -> dict:
     if cfg is None:
         raise ValueError(f"unknown CLIP architecture {model_name!r} (flag --clip_model); known ones "
                          f"include ViT-B-16 and those in {MODEL_CONFIG_DIR.name}/ (GET-tiny)")
-    return cfg["vision_cfg"]
+    return cfg
+
+
+def clip_vision_config(model_name: str) -> dict:
+    """The image-encoder config of an open_clip architecture."""
+    return clip_config(model_name)["vision_cfg"]
 
 
 def vision_image_size(model_name: str) -> int:
@@ -153,14 +158,34 @@ def vision_image_size(model_name: str) -> int:
     return size[0] if isinstance(size, (tuple, list)) else size
 
 
+# What GET splits and feeds (backbone.py, model.py): a plain ViT that pools its class token after
+# ln_post, and CLIP's own text transformer, read at the end-of-text token of CLIP's tokenizer.
+SUPPORTED_CLIPS = "the ViTs of OpenAI's CLIP layout, e.g. ViT-B-32, ViT-B-16, ViT-L-14, ViT-L-14-336, ViT-H-14, ViT-g-14"
+
+
 def vision_depth(model_name: str) -> int:
     """Number of transformer blocks of the image encoder of an open_clip ViT architecture.
 
-    Raises ValueError for an unknown name or a non-ViT image encoder.
+    Raises ValueError for an unknown name or an architecture whose towers GET cannot use,
+    before any weights are loaded.
     """
-    vision = clip_vision_config(model_name)
-    layers = vision.get("layers")
-    if not isinstance(layers, int) or "timm_model_name" in vision:
-        raise ValueError(f"--clip_model {model_name!r} does not have a plain ViT image encoder; "
-                         "GET needs one (e.g. ViT-B-16)")
-    return layers
+    cfg = clip_config(model_name)
+    problem = clip_layout_problem(cfg)
+    if problem:
+        raise ValueError(f"--clip_model {model_name!r} {problem}; GET supports {SUPPORTED_CLIPS} (README, "
+                         "\"Other CLIPs\")")
+    return cfg["vision_cfg"]["layers"]
+
+
+def clip_layout_problem(cfg: dict) -> str | None:
+    """Why an open_clip config's towers do not fit GET, or None."""
+    vision, text = cfg["vision_cfg"], cfg.get("text_cfg", {})
+    if not isinstance(vision.get("layers"), int) or "timm_model_name" in vision:
+        return "does not have a plain ViT image encoder"
+    if (vision.get("pool_type", "tok") != "tok" or vision.get("attentional_pool") or vision.get("final_ln_after_pool")
+            or vision.get("global_average_pool")):
+        return "pools its image tokens otherwise than by the class token after ln_post"
+    if cfg.get("custom_text") or "hf_model_name" in text or text.get("pool_type", "argmax") != "argmax" \
+            or text.get("no_causal_mask"):
+        return "does not have CLIP's own text transformer read at the end-of-text token"
+    return None

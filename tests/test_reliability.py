@@ -74,7 +74,7 @@ def test_torchrun_two_processes_matches_single_process_evaluation(tmp_path, tmp_
 
 def test_sigkill_mid_run_then_resume_auto_matches_uninterrupted(tmp_path, cub_root):
     argv = tiny_argv(tmp_path, cub_root, "--epochs", "4")
-    run_script(argv + ["--exp_name", "full"])
+    train.main(argv + ["--exp_name", "full"])  # here: one torch thread, as the killed process
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv, "--exp_name", "cut"],
                             cwd=REPO, env=python_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -88,7 +88,7 @@ def test_sigkill_mid_run_then_resume_auto_matches_uninterrupted(tmp_path, cub_ro
         proc.wait()
     (cut_dir,) = run_dirs(tmp_path, "cut")
     assert not (cut_dir / "final_metrics.json").exists()
-    run_script(argv + ["--exp_name", "cut", "--resume", "auto"])
+    train.main(argv + ["--exp_name", "cut", "--resume", "auto"])
     (full_dir,) = run_dirs(tmp_path, "full")
     assert final_metrics(cut_dir) == final_metrics(full_dir)
     a, b = trainable_weights(full_dir / "last.pt"), trainable_weights(cut_dir / "last.pt")

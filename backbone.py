@@ -214,8 +214,8 @@ def check_supported_clip(clip: nn.Module) -> None:
             and getattr(clip.transformer, "batch_first", False)):
         raise ValueError("this open_clip version runs its transformers sequence-first; "
                          "upgrade open_clip_torch (>= 3.0)")
-    if clip.attn_mask is None:
-        raise ValueError("GET needs CLIP's causal text attention mask")
+    if clip.attn_mask is None or getattr(clip, "text_pool_type", "argmax") != "argmax":
+        raise ValueError("GET needs CLIP's causal text transformer read at the end-of-text token")
 
 
 def device_of(module: nn.Module) -> torch.device:

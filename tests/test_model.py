@@ -572,3 +572,23 @@ def test_other_clips_get_their_last_block_and_their_own_widths(name, depth, widt
     blocks = {key.split(".")[4] for key in trainable if key.startswith("clip.visual.transformer.resblocks.")}
     assert blocks == {str(depth - 1)}
     assert trainable["head.mlp.0.weight"].shape[1] == width  # the visual branch's feature: the ViT's width
+
+
+@pytest.mark.parametrize("name, why", [
+    ("RN50", "plain ViT image encoder"), ("convnext_base", "plain ViT image encoder"),
+    ("ViT-B-16-SigLIP", "plain ViT image encoder"), ("ViT-L-14-CLIPA", "pools its image tokens"),
+    ("coca_ViT-B-32", "pools its image tokens"), ("ViT-H-14-worldwide", "CLIP's own text transformer"),
+    ("roberta-ViT-B-32", "CLIP's own text transformer")])
+def test_clips_whose_towers_cannot_be_used_are_refused_from_their_config(name, why, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--clip_model", name, "--device", "cpu"])
+    message = capsys.readouterr().err
+    assert why in message and "GET supports" in message and "ViT-L-14" in message
+    # Every one of them really is another layout: built, the project's own check agrees (the
+    # Hugging Face text towers would need the transformers package to be built).
+    if "roberta" in name:
+        return
+    with torch.device("meta"):
+        clip = open_clip.create_model(name, pretrained=None, device="meta")
+    with pytest.raises(ValueError):
+        backbone.check_supported_clip(clip)

@@ -5,6 +5,7 @@ sample, through a DataLoader, as the training loader yields them.
     python bench/data_loading.py                                # CPU defaults, about a minute
     python bench/data_loading.py --json loading.json            # also write the figures
     python bench/data_loading.py --workers 0 4 8 16 --step_samples_per_s 900
+    python bench/data_loading.py --workers 0 4 8 16 --json_rows rows.json   # every worker count as JSON
 
 uncached: decode the JPEG, convert to RGB, resize (int(224 / 0.875) = 256 px, bicubic), then
 the random crop, flip, jitter, ToTensor and Normalize, twice. cached: the resized pixels come
@@ -91,7 +92,7 @@ def compare(datasets: dict, workers: int, batch_size: int, repeats: int) -> dict
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=128)
     p.add_argument("--width", type=int, default=500)
@@ -104,7 +105,10 @@ def main() -> None:
                    help="stage-2 training samples/s measured by bench/step_time.py (images/s / 2)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write the figures of the first --workers value as JSON")
-    args = p.parse_args()
+    p.add_argument("--json_rows", type=Path, default=None, metavar="PATH",
+                   help="write the figures of every --workers value as JSON (a list of rows: the loader's "
+                        "samples/s and per process, uncached and cached)")
+    args = p.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
     with tempfile.TemporaryDirectory() as tmp:
         images, cache_dir = Path(tmp) / "images", Path(tmp) / "cache"
@@ -119,7 +123,7 @@ def main() -> None:
         print(f"{'workers':>8}{'uncached/s':>12}{'cached/s':>10}{'per process: uncached':>23}"
               f"{'cached':>8}{'speed-up':>10}"
               + (f"{'workers to keep up: uncached':>30}{'cached':>8}" if args.step_samples_per_s else ""))
-        figures = None
+        figures, rows = None, []
         for workers in args.workers:
             rate = compare(datasets, workers, args.batch_size, args.repeats)
             per_process = {name: r / max(workers, 1) for name, r in rate.items()}
@@ -130,6 +134,10 @@ def main() -> None:
                 line += (f"{args.step_samples_per_s / per_process['uncached']:>30.1f}"
                          f"{args.step_samples_per_s / per_process['cached']:>8.1f}")
             print(line)
+            rows.append({"workers": workers, "loader_uncached_samples_per_s": rate["uncached"],
+                         "loader_cached_samples_per_s": rate["cached"],
+                         "per_process_uncached_samples_per_s": per_process["uncached"],
+                         "per_process_cached_samples_per_s": per_process["cached"], "speedup": speedup})
             if figures is None:
                 figures = {"uncached_samples_per_s": round(per_process["uncached"], 1),
                            "cached_samples_per_s": round(per_process["cached"], 1),
@@ -139,6 +147,12 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1) + "\n")
         print(f"wrote {args.json}")
+    if args.json_rows:
+        shared = {"images": args.images, "width": args.width, "height": args.height, "image_size": args.image_size,
+                  "batch_size": args.batch_size, "repeats": args.repeats, "jpeg_kib": kib,
+                  "cache_build_s_per_image": build_s / args.images}
+        args.json_rows.write_text(json.dumps({**shared, "rows": rows}, indent=1) + "\n")
+        print(f"wrote {args.json_rows}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ ViT-B/16 architecture (random weights: the weights do not change the work).
     python bench/eval_cache.py                          # CPU defaults: about 2 minutes on 2 cores
     python bench/eval_cache.py --device cuda --images 2048 --batch_size 256 --amp
     python bench/eval_cache.py --json eval_cache.json
+    python bench/eval_cache.py --device cuda --amp --cache_gb 8     # train.py's default budget (on the GPU)
 
 Both paths run evaluation.predict.predict_split on the same loader; the images are in memory, so the
 uncached figure does not even include JPEG decoding. The ratio's ceiling is the share of the
@@ -32,7 +33,7 @@ from model import GETModel, TextEmbeddingSynthesizer  # noqa: E402
 from util.dist import DistInfo  # noqa: E402
 
 
-def get_args() -> argparse.Namespace:
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--clip_model", default="ViT-B-16")
@@ -43,11 +44,14 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed evaluations after the first (median)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    return p.parse_args()
+    p.add_argument("--cache_gb", type=float, default=None,
+                   help="the cache's budget in GiB, as train.py's --eval_cache_gb (default 1024: everything, "
+                        "in host memory on a GPU, whose half is less); with it the JSON names where the cache was")
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = get_args()
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     clip = load_clip(args.clip_model, None, device=device)
@@ -58,16 +62,21 @@ def main() -> None:
                          torch.arange(args.images))
     loader = DataLoader(data, batch_size=args.batch_size, sampler=ShardSampler(args.images),
                         pin_memory=device.type == "cuda")
-    cache, info = EvalCache("bench", 2**40), DistInfo()
+    budget = 2**40 if args.cache_gb is None else int(args.cache_gb * 2**30)
+    cache, info = EvalCache("bench", budget), DistInfo()
     first = timed(lambda: predict_split(net, loader, device, info, cache), device)  # builds the cache
     times = {"uncached": [], "cached": []}
     for _ in range(args.repeats):  # alternate, so that drifts of the machine hit both alike
         times["uncached"].append(timed(lambda: predict_split(net, loader, device, info), device))
         times["cached"].append(timed(lambda: predict_split(net, loader, device, info, cache), device))
     uncached, cached = (statistics.median(times[k]) for k in ("uncached", "cached"))
-    result = {"machine": machine(device), "args": vars(args), "first_evaluation_s": first,
+    result = {"machine": machine(device),
+              "args": {k: v for k, v in vars(args).items() if k != "cache_gb" or v is not None}, "first_evaluation_s": first,
               "eval_uncached_s": uncached, "eval_cached_s": cached, "speedup": uncached / cached,
               "cache_gib": cache.size / 2**30, "all_seconds": times}
+    if args.cache_gb is not None:
+        result["cache_device"] = str(cache.device)
+        result["cached_images"] = sum(len(batch[1]) for batch in cache.batches)
     print(f"{args.images} images, batch {args.batch_size}, {result['machine']}")
     print(f"first evaluation (builds the cache): {first:.3f} s")
     print(f"{'evaluation':<12}{'median s':>10}{'images/s':>10}")

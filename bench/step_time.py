@@ -3,6 +3,7 @@ straightforward one of the reference, on the real ViT-B/16 architecture (random 
 
     python bench/step_time.py                              # CPU defaults: a few minutes on 2 cores
     python bench/step_time.py --device cuda --batch_size 128 --amp --steps 10
+    python bench/step_time.py --memory_kinds stage1,stage2,eval      # peak memory of every step
 
 Optimised (``model.py``, what train.py runs): one frozen image-encoder pass per image in
 stage 1; in stage 2 and evaluation the frozen blocks [0, grad_from_block) run once and feed both
@@ -40,7 +41,7 @@ KINDS = ("stage1", "stage2", "eval")
 PATHS = {"optimised": (TESStage, GETModel), "straightforward": (ReferenceTESStage, ReferenceGETModel)}
 
 
-def get_args() -> argparse.Namespace:
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--clip_model", default="ViT-B-16")
@@ -55,11 +56,19 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of " + ",".join(KINDS))
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure stage-2 peak memory per path in subprocesses")
+    p.add_argument("--memory_kinds", default="stage2",
+                   help="comma-separated steps whose peak memory --memory measures, each path in a fresh "
+                        "process (default stage2; with more, e.g. stage1,stage2,eval, the probes run "
+                        "at once and the JSON gains peak_memory_mib)")
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
                    help="count FLOPs per image of each path (one extra step each)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--memory_probe", default=None, help=argparse.SUPPRESS)  # internal: 'path'
-    args = p.parse_args()
+    p.add_argument("--memory_kind", default="stage2", choices=KINDS, help=argparse.SUPPRESS)  # internal
+    args = p.parse_args(argv)
+    bad = set(args.memory_kinds.split(",")) - set(KINDS)
+    if bad:
+        p.error(f"--memory_kinds: unknown {', '.join(sorted(bad))}; choose from {','.join(KINDS)}")
     if args.grad_from_block is None:
         args.grad_from_block = vision_depth(args.clip_model) - 1
     return args
@@ -167,28 +176,51 @@ def count_flops(work: Workload, kind: str, batch: dict) -> float:
 
 
 # ----------------------------------------------------------------------------- memory
+def probe_command(args, path: str, kind: str = "stage2") -> list[str]:
+    """The command of a fresh process that measures the peak memory of ``kind`` steps of ``path``."""
+    return [sys.executable, __file__, "--memory_probe", path, "--memory_kind", kind, "--device", args.device,
+            "--clip_model", args.clip_model, "--batch_size", str(args.batch_size),
+            "--grad_from_block", str(args.grad_from_block), "--num_classes", str(args.num_classes),
+            "--amp" if args.amp else "--no-amp"]
+
+
 def peak_memory_of_path(args, path: str) -> float:
     """Peak memory (MiB) of stage-2 steps of one path, in a fresh process."""
-    cmd = [sys.executable, __file__, "--memory_probe", path, "--device", args.device,
-           "--clip_model", args.clip_model, "--batch_size", str(args.batch_size),
-           "--grad_from_block", str(args.grad_from_block), "--num_classes", str(args.num_classes),
-           "--amp" if args.amp else "--no-amp"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(probe_command(args, path), capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def peak_memory_of_kinds(args, kinds: list[str]) -> dict[str, dict[str, float]]:
+    """{kind: {path: peak MiB, "ratio": optimised / straightforward}}, every (kind, path) in a
+    fresh process of its own, all at once (each process measures only itself)."""
+    probes = {(kind, path): subprocess.Popen(probe_command(args, path, kind), stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True)
+              for kind in kinds for path in PATHS}
+    mem: dict[str, dict[str, float]] = {kind: {} for kind in kinds}
+    for (kind, path), probe in probes.items():
+        stdout, stderr = probe.communicate()
+        if probe.returncode:
+            raise subprocess.CalledProcessError(probe.returncode, probe.args, stdout, stderr)
+        mem[kind][path] = float(stdout.strip().splitlines()[-1])
+    for row in mem.values():
+        row["ratio"] = row["optimised"] / row["straightforward"]
+    return mem
+
+
 def memory_probe(args) -> None:
-    """Build one path and run two stage-2 steps; print the peak: CUDA max allocated, or on CPU
-    the peak resident set size above the process's size before CLIP was built."""
+    """Build one path and run two steps of ``--memory_kind`` (stage 2 by default); print the
+    peak: CUDA max allocated, or on CPU the peak resident set size above the process's size
+    before CLIP was built."""
     device = torch.device(args.device)
     base_kib = proc_status_kib("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clip = load_clip(args.clip_model, None, device=args.device)
-    work = Workload(clip, 2, args.memory_probe, args)
-    batch = make_batch(args, vision_image_size(args.clip_model), "stage2")
+    kind = args.memory_kind
+    work = Workload(clip, 1 if kind == "stage1" else 2, args.memory_probe, args)
+    batch = make_batch(args, vision_image_size(args.clip_model), kind)
     for _ in range(2):
-        work.step("stage2", batch)
+        work.step(kind, batch)
     sync(device)
     if device.type == "cuda":
         print(torch.cuda.max_memory_allocated(device) / 2**20)
@@ -206,14 +238,15 @@ def proc_status_kib(field: str) -> int:
 
 
 # ----------------------------------------------------------------------------- main
-def main() -> None:
-    args = get_args()
+def main(argv: list[str] | None = None) -> None:
+    args = get_args(argv)
     if args.memory_probe:
         memory_probe(args)
         return
     device = torch.device(args.device)
     image_size = vision_image_size(args.clip_model)
-    results = {"machine": machine(device), "args": {k: v for k, v in vars(args).items() if k != "memory_probe"}}
+    internal = {"memory_probe": True, "memory_kind": True, "memory_kinds": args.memory_kinds == "stage2"}
+    results = {"machine": machine(device), "args": {k: v for k, v in vars(args).items() if not internal.get(k)}}
     works, works_stage = None, None
     for kind in args.kinds.split(","):
         stage = 1 if kind == "stage1" else 2
@@ -247,12 +280,22 @@ def main() -> None:
         print_row(kind, row, args.flops)
     if args.memory:
         del works
-        mem = {name: peak_memory_of_path(args, name) for name in PATHS}
-        mem["ratio"] = mem["optimised"] / mem["straightforward"]
-        results["stage2_peak_memory_mib"] = mem
         unit = "CUDA max allocated" if device.type == "cuda" else "peak RSS above start"
-        print(f"\nstage-2 peak memory ({unit}): optimised {mem['optimised']:.0f} MiB, "
-              f"straightforward {mem['straightforward']:.0f} MiB, ratio {mem['ratio']:.2f}")
+        memory_kinds = args.memory_kinds.split(",")
+        if memory_kinds == ["stage2"]:
+            mem = {name: peak_memory_of_path(args, name) for name in PATHS}
+            mem["ratio"] = mem["optimised"] / mem["straightforward"]
+        else:
+            results["peak_memory_mib"] = by_kind = peak_memory_of_kinds(args, memory_kinds)
+            for kind in (k for k in memory_kinds if k != "stage2"):
+                row = by_kind[kind]
+                print(f"\n{kind} peak memory ({unit}): optimised {row['optimised']:.0f} MiB, "
+                      f"straightforward {row['straightforward']:.0f} MiB, ratio {row['ratio']:.2f}")
+            mem = by_kind.get("stage2")
+        if mem is not None:
+            results["stage2_peak_memory_mib"] = mem
+            print(f"\nstage-2 peak memory ({unit}): optimised {mem['optimised']:.0f} MiB, "
+                  f"straightforward {mem['straightforward']:.0f} MiB, ratio {mem['ratio']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

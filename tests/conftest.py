@@ -21,3 +21,8 @@ def cub_root(tmp_path_factory) -> Path:
     from tests.data_fixtures import make_fixture
 
     return make_fixture("cub", tmp_path_factory.mktemp("cub"))
+
+
+def pytest_configure(config):
+    # tests/test_gpu.py: the CUDA tier (`pytest -m cuda`), skipped with the reason without a GPU
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (scripts/gpu_check.sh runs them)")

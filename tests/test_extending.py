@@ -57,14 +57,16 @@ def apply(edit: Edit, root: Path) -> None:
     path.write_text("".join(lines))
 
 
-def with_recipe(number: int, tmp_path: Path) -> Path:
-    """A copy of the repository's code with recipe ``number`` applied; at most two files changed."""
+def with_recipes(numbers: list[int], tmp_path: Path) -> Path:
+    """A copy of the repository's code with the recipes ``numbers`` applied in turn; each
+    changes at most two files."""
     root = tmp_path / "repo"
     shutil.copytree(REPO, root, ignore=NOT_COPIED)
-    edits = recipe(number)
-    assert edits and len({edit.file for edit in edits}) <= 2
-    for edit in edits:
-        apply(edit, root)
+    for number in numbers:
+        edits = recipe(number)
+        assert edits and len({edit.file for edit in edits}) <= 2, number
+        for edit in edits:
+            apply(edit, root)
     return root
 
 
@@ -96,45 +98,32 @@ def write_my_dataset(root: Path) -> None:
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
 
 
-def test_recipe_add_a_dataset(tmp_path):
-    root = with_recipe(1, tmp_path)
+def test_the_four_recipes_train_together(tmp_path):
+    """All four recipes on one copy, one run (one Python start-up instead of four): the new
+    dataset, with the loss term at 0.5, the head, and the new CLIP trained from its last block."""
+    root = with_recipes([1, 2, 3, 4], tmp_path)
     write_my_dataset(tmp_path / "my_data")
-    argv = tiny_argv(tmp_path / "out", tmp_path / "my_data")
+    argv = tiny_argv(tmp_path / "out", tmp_path / "my_data", "--head_agreement_weight", "0.5")
     argv[argv.index("cub")] = "my_dataset"
+    argv[argv.index("GET-tiny")] = "GET-small"
+    argv[argv.index("--grad_from_block") + 1] = "5"
     run_dir, printed = train(root, argv)
+
+    # 1. The dataset: 12 images of the 3 old classes, half of them labelled; the 12 of the new
+    # classes unlabelled.
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["num_labeled_classes"], config["num_unlabeled_classes"]) == (3, 3)
-    # 12 images of the 3 old classes, half of them labelled; the 12 of the new classes unlabelled.
     assert "dataset my_dataset: 6 labelled + 18 unlabelled training images" in printed
     assert json.loads((run_dir / "final_metrics.json").read_text())["train_unlabelled/n_samples"] == 18
-
-
-def test_recipe_add_a_loss_term(tmp_path, cub_root):
-    root = with_recipe(2, tmp_path)
-    run_dir, _ = train(root, tiny_argv(tmp_path / "out", cub_root, "--head_agreement_weight", "0.5"))
+    # 2 and 3. The loss term, with its weight, and the head's self-distillation are in the total
+    # (epoch means are linear in the steps' terms).
     loss = last_epoch_loss(run_dir)
     assert loss["head_agreement"] > 0 and "get/loss/head_agreement" in scalar_tags(run_dir)
-    # The term is in the total with its weight (epoch means are linear in the steps' terms).
-    parts = loss["visual/total"] + loss["text/total"] + loss["cico"] + 0.5 * loss["head_agreement"]
+    parts = (loss["visual/total"] + loss["text/total"] + loss["cico"] + 0.5 * loss["head_agreement"]
+             + loss["aux/self_distill"])
     assert loss["total"] == pytest.approx(parts, rel=1e-5)
-
-
-def test_recipe_add_a_head(tmp_path, cub_root):
-    root = with_recipe(3, tmp_path)
-    run_dir, _ = train(root, tiny_argv(tmp_path / "out", cub_root))
-    loss = last_epoch_loss(run_dir)
-    assert loss["total"] == pytest.approx(loss["visual/total"] + loss["text/total"] + loss["cico"]
-                                          + loss["aux/self_distill"], rel=1e-5)
     state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
     assert state["aux_head.weight_v"].shape[0] == 2 * state["head.weight_v"].shape[0]  # 2K clusters
     assert "aux_head" in (run_dir / "log.txt").read_text()  # a trainable row of the parameter table
-
-
-def test_recipe_another_clip_backbone(tmp_path, cub_root):
-    root = with_recipe(4, tmp_path)
-    argv = tiny_argv(tmp_path / "out", cub_root)
-    argv[argv.index("GET-tiny")] = "GET-small"
-    argv[argv.index("--grad_from_block") + 1] = "5"
-    run_dir, _ = train(root, argv)
-    state = torch.load(run_dir / "last.pt", weights_only=True)["model"]
+    # 4. The new CLIP: 6 blocks, the last one trained.
     assert {key.split(".")[4] for key in state if key.startswith("clip.visual.transformer.resblocks.")} == {"5"}

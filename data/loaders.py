@@ -18,6 +18,7 @@ from data.task import Task
 from errors import InputError
 from util.dist import DistInfo
 from util.logging_utils import get_logger
+from util.signals import LoaderWorkerSignals
 
 
 @dataclass
@@ -54,7 +55,8 @@ def build_loaders(task: Task, args: Namespace, image_size: int, info: DistInfo,
     # Persistent workers keep their RNG across epochs, which breaks bit-exact resume: only
     # where speed matters (CUDA).
     common = dict(batch_size=args.batch_size // info.world_size, num_workers=args.num_workers,
-                  pin_memory=cuda, persistent_workers=cuda and args.num_workers > 0)
+                  pin_memory=cuda, persistent_workers=cuda and args.num_workers > 0,
+                  worker_init_fn=LoaderWorkerSignals())  # a cluster's SIGTERM to every process: util/signals.py
     # A loader-owned generator: starting an epoch's iterator leaves the global RNG untouched.
     # The worker seeds it gives are never what a sample draws from: SeededSamples reseeds.
     train = DataLoader(SeededSamples(train_set), sampler=sampler, generator=torch.Generator(), **common)

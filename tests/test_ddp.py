@@ -1,11 +1,15 @@
 """N processes compute the loss of one process (docs/method.md, "Precision and several
 processes"): two Gloo processes on the CPU, each with half of one fixed global batch, give
 the loss terms of a single process on the whole batch, and after DistributedDataParallel's
-average the same gradient of every trainable parameter, in both stages."""
+average the same gradient of every trainable parameter, in both stages; and a demo run on two
+machines (two torchrun agents over localhost, joined by the c10d rendezvous) logs the losses
+of one process, with rank 0 alone writing the run folder."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -19,7 +23,7 @@ from methods.get import GETStep
 from methods.tes import TESStep
 from bench.demo_seeds import demo_flags
 from tests.helpers import trainable_weights
-from tests.test_reliability import free_port, torchrun
+from tests.test_reliability import REPO, free_port, python_env
 from util.dist import DistInfo, wrap_ddp
 
 B, K, WORLD = 6, 6, 2  # global batch (samples), classes, processes
@@ -102,13 +106,49 @@ def epoch_losses(run_dir) -> dict:
     return {(r["stage"], r["epoch"]): r["loss"] for r in records}
 
 
-def test_two_process_demo_run_logs_the_losses_of_one_process(tmp_path):
+def start_nodes(argv: list[str], out_dir, nodes: int = 2) -> list[tuple[subprocess.Popen, object]]:
+    """train.py on ``nodes`` machines of one process each, as a cluster runs it: one torchrun
+    agent per machine (here all on localhost), every one with the same command, joined by the
+    c10d rendezvous that the first one to arrive hosts; no machine is given a rank. The agents
+    and their log files, running."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node", "1",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "test",
+           str(REPO / "train.py"), *argv]
+    logs = [open(out_dir / f"node{node}.log", "w+") for node in range(nodes)]
+    return [(subprocess.Popen(cmd, cwd=REPO, env=python_env(), stdout=log, stderr=subprocess.STDOUT), log)
+            for log in logs]
+
+
+def wait_nodes(agents: list[tuple[subprocess.Popen, object]]) -> None:
+    try:
+        codes = [agent.wait(timeout=300) for agent, _ in agents]
+    finally:
+        outputs = []
+        for agent, log in agents:
+            agent.kill()
+            log.seek(0)
+            outputs.append(log.read()[-3000:])
+            log.close()
+    assert codes == [0] * len(agents), "\n".join(outputs)
+
+
+def test_two_node_demo_run_logs_the_losses_of_one_process(tmp_path):
+    # Two machines of one process each rather than one machine of two processes: the same
+    # global batch split in two, but through the rendezvous a cluster uses (two processes on
+    # one machine: tests/test_reliability.py).
     # With word dropout: each step's mask is drawn for the global batch, not per process.
     flags = demo_flags() + ["--tes_epochs", "1", "--epochs", "1", "--max_steps_per_epoch", "3",
                             "--word_drop", "0.5", "--exp_root", str(tmp_path), "--no-progress"]
-    torchrun(flags + ["--exp_name", "two"])
-    train.main(flags + ["--exp_name", "one"])
+    agents = start_nodes(flags + ["--exp_name", "two"], tmp_path)
+    try:  # the one-process run meanwhile: the agents wait much of their time
+        train.main(flags + ["--exp_name", "one"])
+    finally:
+        wait_nodes(agents)
     (two,), (one,) = (list((tmp_path / "digits").glob(f"{name}-*")) for name in ("two", "one"))
+    # Rank 0 alone writes: one folder, the files of a one-process run, each log line once.
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert len(list((two / "tensorboard").iterdir())) == len(list((one / "tensorboard").iterdir()))
+    assert (two / "log.txt").read_text().count("stage 1 done") == 1
     two_losses, one_losses = epoch_losses(two), epoch_losses(one)
     assert two_losses.keys() == one_losses.keys() == {("tes", 0), ("get", 0)}
     for key, losses in one_losses.items():

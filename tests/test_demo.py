@@ -108,7 +108,7 @@ def test_demo_seeds_draw_their_own_augmentations_and_results(tmp_path):
                                    "--seed", str(seed), "--exp_name", f"seed{seed}"])
                for seed in (0, 1, 2)]
     visual = [r["train_unlabelled/visual/all"] for r in results]
-    assert len({tuple(round(v, 6) for v in r.values()) for r in results}) == 3, visual
+    assert len({tuple(round(v, 6) for k, v in sorted(r.items()) if k != "reported") for r in results}) == 3, visual
     assert statistics.pstdev(visual) > 0.002, visual
 
 

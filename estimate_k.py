@@ -7,7 +7,8 @@ training images, scored on the labelled ones, Brent's search of k; evaluation/k_
     python estimate_k.py --dataset_name digits --clip_model GET-tiny --pretrained none --device cpu --num_workers 0
 
 It takes train.py's flags (those that matter: the data, --old_classes, --max_classes, the
-CLIP model, --device, --amp, --batch_size, --num_workers, --seed, --skip_bad_images) and ``--out FILE``, which
+CLIP model, --device (the CLIP's and the k-means'), --amp, --batch_size, --num_workers, --seed,
+--skip_bad_images) and ``--out FILE``, which
 also writes the estimate and the accuracy-vs-k curve as JSON (its folder is made if missing;
 checked, like every flag, before the search). Prints both and returns the
 estimate; the same flags give train.py's estimate.

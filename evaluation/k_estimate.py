@@ -4,8 +4,9 @@ standalone ``python estimate_k.py``. The method of Vaze et al. (GCD, CVPR 2022):
 
 1. the frozen CLIP image embedding (after the visual projection, L2-normalised) of every
    training image, labelled and unlabelled, under the test transform;
-2. for a given k, k-means of all of them into k clusters, scored by the Hungarian accuracy of
-   the clusters on the labelled images alone, the only ones whose class is known;
+2. for a given k, k-means of all of them into k clusters (evaluation/kmeans.py: torch, on the
+   run's device, scikit-learn's algorithm), scored by the Hungarian accuracy of the clusters on
+   the labelled images alone, the only ones whose class is known;
 3. Brent's method (scipy's bounded ``minimize_scalar`` on minus the score, k rounded to a
    whole number) searches k between K_old and ``--max_classes``, then steps to a better
    neighbouring k while there is one; no k is clustered twice.
@@ -34,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
-from sklearn.cluster import KMeans
 from torch.utils.data import DataLoader, Dataset
 
 from backbone import clip_autocast
@@ -46,6 +46,7 @@ from data.samplers import ShardSampler
 from data.task import Task
 from errors import InputError
 from evaluation.accuracy import split_cluster_acc_v2
+from evaluation.kmeans import kmeans
 from evaluation.predict import gather_outputs
 from util.dist import DistInfo, broadcast_object
 from util.logging_utils import get_logger
@@ -53,7 +54,7 @@ from util.rng import derive_seed
 
 K_ESTIMATE = "k_estimate.json"
 # k-means restarts per k (k-means++ seeding, the best inertia kept): a few guard against a bad
-# local optimum; each costs a full k-means, the price of the whole search.
+# local optimum; each costs a full k-means, the price of the whole search (bench/estimate_k.py).
 KMEANS_INITS = 3
 
 
@@ -73,15 +74,16 @@ class KEstimate:
                 "order": list(self.curve)}
 
 
-def labelled_accuracy(features: np.ndarray, labels: np.ndarray, labelled: np.ndarray, k: int,
+def labelled_accuracy(features: torch.Tensor | np.ndarray, labels: np.ndarray, labelled: np.ndarray, k: int,
                       seed: int = 0) -> float:
-    """Hungarian accuracy on the labelled rows of a k-means of ALL rows into k clusters, its
-    initial centres drawn from a stream of its own for each (seed, k).
+    """Hungarian accuracy on the labelled rows of a k-means of ALL rows into k clusters, on
+    the features' device, its initial centres drawn from a stream of its own for each (seed, k).
 
-    features: float [N, D]; labels: int [N] (any value where not labelled); labelled: bool [N].
+    features: float [N, D] (a tensor on any device, or an array: the CPU); labels: int [N]
+    (any value where not labelled); labelled: bool [N].
     """
-    kmeans = KMeans(n_clusters=k, n_init=KMEANS_INITS, random_state=derive_seed(seed, "k-means", k))
-    clusters = kmeans.fit_predict(features)
+    result = kmeans(torch.as_tensor(features), k, n_init=KMEANS_INITS, seed=derive_seed(seed, "k-means", k))
+    clusters = result.labels.cpu().numpy()
     return split_cluster_acc_v2(labels[labelled], clusters[labelled], np.ones(int(labelled.sum()), bool))[0]
 
 
@@ -162,7 +164,8 @@ def estimate_k(clip: torch.nn.Module, task: Task, args: Namespace, device: torch
         skip_bad_images([train_set], skip_log)
     k_min, k_max = search_bounds(task, args.max_classes, len(train_set))  # a bad --max_classes fails before the encoding
     data = clip_features(clip, train_set, args, device, info)
-    features, labels, labelled = (data[key].numpy() for key in ("feature", "target", "labelled"))
+    labels, labelled = (data[key].numpy() for key in ("target", "labelled"))
+    features = data["feature"].to(device)  # k-means runs where the CLIP ran: the GPU of a GPU run
     get_logger().info("estimating K: k-means of the CLIP features of %d images, scored on the %d "
                       "labelled ones, Brent's search of k in [%d, %d]", len(features), labelled.sum(),
                       k_min, k_max)

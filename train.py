@@ -230,7 +230,7 @@ def stage2(run: Run, task: Task, clip, projector: dict, data: Loaders,
     stage = Stage(STAGE2, model, step, *optimizer, args.epochs, meta, run.dir / LAST_FILE[STAGE2],
                   schedule=lambda epoch: {"teacher_temp": teacher_temp(epoch)})
     evaluate_epoch, evaluator = stage2_evaluation(model, data, task, run)
-    tensorboard_layout(run, model.heads_out)
+    tensorboard_layout(run, model.branches)
     outcome = fit(stage, data.train, run, checkpoint, evaluate_epoch, task.ground_truth)
     if outcome.stopped:
         return None

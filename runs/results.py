@@ -13,7 +13,8 @@ from runs.run import CLUSTER_SIZES, CONFUSION_DIR, SKIPPED_IMAGES, Run
 from util.io import save_json
 from util.logging_utils import TENSORBOARD_DIR, get_logger
 from views import confusion
-from vocabulary import EVAL_TAG, GROUPS, HEADS, REPORTED_TAG, SPLITS, STAGE2, metric_key, reported_in
+from vocabulary import (EVAL_TAG, GROUPS, HEADS, REPORTED_TAG, SPLITS, STAGE2, heads_of, metric_key, reported_head,
+                        reported_in)
 
 
 def log_epoch(stage: Stage, position: Position, summary: dict, run: Run) -> None:
@@ -48,10 +49,10 @@ def reported_scalars(metrics: dict, head: str) -> dict[str, float]:
             for split in SPLITS for group in GROUPS if metric_key(split, head, group) in metrics}
 
 
-def tensorboard_layout(run: Run, heads: tuple[str, ...]) -> None:
-    """TensorBoard's Custom Scalars page: the reported accuracy first, then the other heads
-    (diagnostics), the agreement of the two heads and stage 2's loss."""
-    reported = "visual" if "visual" in heads else heads[0]
+def tensorboard_layout(run: Run, branches: str) -> None:
+    """TensorBoard's Custom Scalars page of a model of ``branches``: the reported accuracy
+    first, then the other heads (diagnostics), the agreement of the two heads and stage 2's loss."""
+    heads, reported = heads_of(branches), reported_head(branches)
 
     def chart(tags: list[str]) -> list:
         return ["Multiline", tags]

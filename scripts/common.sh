@@ -11,12 +11,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 # Stop before any work if the dataset folder is missing, naming the folder and the fix.
 check_dataset_root() {
     local dataset="$1"; shift
-    local root="" prev=""
-    for arg in "$@"; do
-        if [ "$prev" = "--data_root" ]; then root="$arg"; fi
-        case "$arg" in --data_root=*) root="${arg#--data_root=}" ;; esac
-        prev="$arg"
-    done
+    local root
+    root="$(flag_value --data_root "$@")"
     "$PY" - "$dataset" "$root" <<'PYEOF'
 import sys
 import config

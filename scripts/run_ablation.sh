@@ -53,12 +53,6 @@ for row in $rows; do
     bash "$here/run_seeds.sh" "$dataset" "$seeds" --exp_name "ablation-$row" $(row_flags "$row") "$@"
 done
 # The runs' folder: --exp_root among the flags, else GET_OUTPUT_ROOT, else ./outputs.
-exp_root="" prev=""
-for arg in "$@"; do
-    if [ "$prev" = "--exp_root" ]; then exp_root="$arg"; fi
-    case "$arg" in --exp_root=*) exp_root="${arg#--exp_root=}" ;; esac
-    prev="$arg"
-done
 source "$here/setup_env.sh"
-runs="$("$PY" -c 'import sys, config; print(config.output_root(sys.argv[1] or None))' "$exp_root")/$dataset"
+runs="$("$PY" -c 'import sys, config; print(config.output_root(sys.argv[1] or None))' "$(flag_value --exp_root "$@")")/$dataset"
 "$PY" report.py --ablation "$runs" --out_dir "$runs/ablation_report"

@@ -22,3 +22,15 @@ else
 fi
 export PYTHONUNBUFFERED=1
 cd "$REPO_DIR"
+
+# The value of the flag $1 among the arguments that follow (--flag VALUE or --flag=VALUE, the
+# last one wins; empty when absent): the scripts read where train.py will look or write.
+flag_value() {
+    local flag="$1" value="" prev=""; shift
+    for arg in "$@"; do
+        if [ "$prev" = "$flag" ]; then value="$arg"; fi
+        case "$arg" in "$flag"=*) value="${arg#"$flag"=}" ;; esac
+        prev="$arg"
+    done
+    printf '%s' "$value"
+}

@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.cuda,
                                  reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
 
 REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.device("cuda")  # the tier's device: every tensor it makes goes there
 BATCH = 16         # samples per step: 2 * BATCH rows, view 1 then view 2
 NUM_CLASSES = 10
 TEACHER_TEMP = 0.07
@@ -63,7 +64,7 @@ def tiny_clip(name: str = "GET-tiny"):
     from backbone import load_clip
 
     torch.manual_seed(0)
-    return load_clip(name, None, device="cuda")
+    return load_clip(name, None, device=CUDA)
 
 
 def stage2_model(amp: bool, clip_model: str = "GET-tiny"):
@@ -82,7 +83,7 @@ def training_batch(image_size: int = 32, batch: int = BATCH, seed: int = 0):
     images = torch.randn(2 * batch, 3, image_size, image_size, generator=g)
     labels = torch.randint(0, NUM_CLASSES // 2, (batch,), generator=g).repeat(2)
     labelled = (torch.arange(batch) % 2 == 0).repeat(2)
-    return images.cuda(), labels.cuda(), labelled.cuda()
+    return images.to(CUDA), labels.to(CUDA), labelled.to(CUDA)
 
 
 def tf32_switches() -> dict:
@@ -239,7 +240,7 @@ def test_stage1_bf16_clip_and_tes_with_fp32_outputs_and_loss():
             handle.remove()
     check_calls(seen, encoders, torch.bfloat16, autocast=True)
     assert f.dtype == t.dtype == torch.float32
-    class_text = F.normalize(torch.randn(NUM_CLASSES // 2, clip.visual.output_dim, device="cuda"), dim=-1)
+    class_text = F.normalize(torch.randn(NUM_CLASSES // 2, clip.visual.output_dim, device=CUDA), dim=-1)
     scale = float(clip.logit_scale.exp())
     loss, terms = tes_loss(f, t, scale, labels, labelled, class_text)
     assert loss.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.values())
@@ -297,7 +298,7 @@ def test_attention_runs_a_fused_kernel_in_the_image_encoder_and_reports_each_tow
     model = stage2_model(amp=True, clip_model=clip_model)
     clip, g = model.clip, model.grad_from_block
     images = training_batch(vision_image_size(clip_model), batch)[0]
-    embeddings = torch.randn(2 * batch, clip.visual.output_dim, device="cuda")
+    embeddings = torch.randn(2 * batch, clip.visual.output_dim, device=CUDA)
     text_layers = len(clip.transformer.resblocks)
 
     def frozen_blocks():
@@ -360,7 +361,7 @@ def test_eval_cache_on_the_gpu_and_in_pinned_host_memory_predicts_as_without():
     g = torch.Generator().manual_seed(1)
     data = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % NUM_CLASSES, torch.arange(n))
     loader = DataLoader(data, batch_size=batch, sampler=ShardSampler(n), pin_memory=True)
-    device, info = torch.device("cuda"), DistInfo()
+    device, info = CUDA, DistInfo()
     reference = predict_split(model, loader, device, info)
     tokens, tes_out = model.frozen_part(next(iter(loader))[0].to(device))
     one_batch = tokens.nbytes + tes_out.nbytes

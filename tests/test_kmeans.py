@@ -1,7 +1,8 @@
 """The torch k-means of the K estimate (evaluation/kmeans.py), against checks that do not use
 it: the true partition of well-separated blobs, a brute-force float64 recomputation of its
 labels and inertia, scikit-learn's KMeans (the algorithm it replaces) on data where k-means
-has no single answer, and its own rules for seeding, empty clusters, chunks and seeds."""
+has no single answer, and its own rules for seeding (restarts seeded together as if alone),
+empty clusters, chunks and seeds; and bench/estimate_k.py end to end at a tiny size."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,8 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from evaluation import kmeans as KM
+
+CUDA = torch.device("cuda")  # the CUDA test's device
 
 
 def blobs(seed: int, sizes=(60, 40, 25, 80, 30, 50), dim: int = 8, spread: float = 0.3):
@@ -60,11 +63,23 @@ def test_greedy_kmeans_plusplus_seeds_one_centre_per_blob():
     # the smallest holds 25 of 285 rows.
     x, truth = blobs(0)
     x_sq = (x * x).sum(1)
-    for seed in range(10):
-        centres = KM.kmeans_plusplus(x, x_sq, 6, torch.Generator().manual_seed(seed))
+    generators = [torch.Generator().manual_seed(seed) for seed in range(10)]
+    for centres in KM.kmeans_plusplus(x, x_sq, 6, generators, chunk_rows=100):  # ten restarts seeded together
         rows = brute_force(centres, x).argmin(1)  # each seed is a row of x: the one at distance 0
         assert torch.equal(x[rows], centres)
         assert sorted(truth[rows.numpy()]) == list(range(6))
+
+
+def test_restarts_seeded_together_are_each_as_if_seeded_alone_and_differ():
+    x = uniform(3)
+    x_sq = (x * x).sum(1)
+    together = KM.kmeans_plusplus(x, x_sq, 30, KM.restart_generators(7, 3), chunk_rows=4096)
+    alone = [KM.kmeans_plusplus(x, x_sq, 30, [g], chunk_rows=4096)[0] for g in KM.restart_generators(7, 3)]
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b)
+    # Three streams, three different seedings (not one repeated), none with a centre twice.
+    assert not torch.equal(together[0], together[1]) and not torch.equal(together[1], together[2])
+    assert all(len(c.unique(dim=0)) == 30 for c in together)
 
 
 def test_sampling_is_proportional_to_the_weights_and_never_draws_a_zero():
@@ -108,21 +123,23 @@ def test_chunks_change_nothing():
         torch.testing.assert_close(chunked.centres, whole.centres)
         assert chunked.inertia == pytest.approx(whole.inertia, rel=1e-6)
     # The distances of the chunks, against brute force.
-    labels, nearest = KM.assign(x, (x * x).sum(1), whole.centres, chunk_rows=13)
+    labels, nearest, _, _ = KM.assign(x, (x * x).sum(1), whole.centres, chunk_rows=13)
     torch.testing.assert_close(nearest.double(), brute_force(x, whole.centres).min(1).values, atol=1e-5, rtol=0)
 
 
 def test_an_empty_cluster_takes_the_row_farthest_from_its_centre():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [20.0, 0.0], [21.0, 0.0]])
     centres = torch.tensor([[1.0, 0.0], [20.0, 0.0], [-50.0, 0.0]])  # nobody's nearest: the third
-    labels = torch.tensor([0, 0, 0, 1, 1])
-    nearest = torch.tensor([1.0, 0.0, 81.0, 0.0, 1.0])
-    new = KM.update_centres(x, labels, nearest, centres, chunk_rows=2)
+    x_sq = (x * x).sum(1)
+    labels, nearest, sums, counts = KM.assign(x, x_sq, centres, chunk_rows=2)
+    assert labels.tolist() == [0, 0, 0, 1, 1] and nearest.tolist() == [1.0, 0.0, 81.0, 0.0, 1.0]
+    assert counts.tolist() == [3, 2, 0]
+    torch.testing.assert_close(sums, torch.tensor([[11.0, 0.0], [41.0, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    new = KM.cluster_means(x, labels, nearest, sums, counts, centres)
     # Row 2 (the farthest, 81) becomes cluster 2's centre and leaves cluster 0's mean.
     torch.testing.assert_close(new, torch.tensor([[0.5, 0.0], [20.5, 0.0], [10.0, 0.0]]))
 
     # End to end: from those centres Lloyd ends with three non-empty clusters and the optimum.
-    x_sq = (x * x).sum(1)
     result = KM.lloyd(x, x_sq, centres, max_iter=10, tol=0.0, chunk_rows=2)
     assert sorted(torch.bincount(result.labels, minlength=3).tolist()) == [1, 2, 2]
     assert result.inertia == pytest.approx(0.5 + 0.5, abs=1e-5)
@@ -149,9 +166,37 @@ def test_bad_arguments():
 def test_cuda_is_deterministic_and_agrees_with_the_cpu():
     x = uniform(2, n=20000, dim=32)
     cpu = KM.kmeans(x, 100, seed=0)
-    a, b = (KM.kmeans(x.cuda(), 100, seed=0) for _ in range(2))
+    a, b = (KM.kmeans(x.to(CUDA), 100, seed=0) for _ in range(2))
     assert a.labels.device.type == "cuda"
     assert torch.equal(a.labels, b.labels) and torch.equal(a.centres, b.centres)
     assert a.inertia == pytest.approx(cpu.inertia, rel=0.01)  # rounding may end in another optimum
     x, truth = blobs(0)
-    assert adjusted_rand_score(truth, KM.kmeans(x.cuda(), 6, seed=0).labels.cpu().numpy()) == 1.0
+    assert adjusted_rand_score(truth, KM.kmeans(x.to(CUDA), 6, seed=0).labels.cpu().numpy()) == 1.0
+
+
+def test_the_benchmark_measures_both_paths_skips_by_its_budget_and_extrapolates(tmp_path, monkeypatch, capsys):
+    # bench/estimate_k.py end to end at a tiny size: what the CPU side of CI can run of it.
+    import json
+    import sys
+
+    from bench import estimate_k as bench
+    from evaluation.k_estimate import brent_search
+
+    out = tmp_path / "ek.json"
+    monkeypatch.setattr(sys, "argv", ["estimate_k.py", "--sizes", "300,600", "--ks", "4", "--repeats", "2",
+                                      "--sklearn_budget", "1e-9", "--json", str(out)])
+    bench.main()
+    result = json.loads(out.read_text())
+    small, large = result["cells"]
+    # The first cell runs both paths, twice each; the second is predicted from the first, over
+    # its budget, and skipped.
+    assert (small["n"], small["k"], len(small["all_seconds"]["torch"]), len(small["all_seconds"]["sklearn"])) == (300, 4, 2, 2)
+    assert small["torch_inertia"] == pytest.approx(small["sklearn_inertia"], rel=0.05)
+    assert large["sklearn_s"] is None and large["sklearn_predicted_s"] == pytest.approx(small["sklearn_s"] * 2)
+    # The extrapolation: the k of Brent's search, each path's seconds per N x k of its largest cell.
+    search = result["imagenet_1k"]
+    assert search["ks"] == list(brent_search(lambda k: -abs(k - 1000) / 1000, 500, 2000)[1])
+    for path, cell in (("torch", large), ("sklearn", small)):
+        per = cell[f"{path}_s"] / (cell["n"] * cell["k"])
+        assert search[path]["seconds"] == pytest.approx(per * bench.IMAGENET_N * sum(search["ks"]))
+    assert "skipped (predicted" in capsys.readouterr().out

@@ -49,7 +49,7 @@ DIM = 512
 IMAGENET_N, IMAGENET_OLD = 1_281_167, 500
 
 
-def get_args() -> argparse.Namespace:
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="the torch k-means' device (scikit-learn runs on the CPU)")
     p.add_argument("--sizes", default="10000,100000", help="comma-separated numbers of points")
@@ -63,7 +63,7 @@ def get_args() -> argparse.Namespace:
                    help="the extrapolated search's upper end (train.py's default: 4 K_old)")
     p.add_argument("--true_k", type=int, default=1000, help="where the extrapolated search's curve peaks")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def clip_like_features(n: int, seed: int = 0, classes: int = 1000) -> torch.Tensor:
@@ -157,8 +157,8 @@ def extrapolate(cells: list[dict], ks: list[int], max_classes: int, true_k: int,
     return result
 
 
-def main() -> None:
-    args = get_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,9 +184,10 @@ def main() -> None:
             del x_cpu, x_dev
     print_table(cells, args.sklearn_budget)
     search = extrapolate(cells, imagenet_search(args.max_classes, args.true_k), args.max_classes, args.true_k, device)
+    result = {"machine": machine(device, threads), "args": vars(args), "cells": cells, "imagenet_1k": search}
     if args.json:
-        result = {"machine": machine(device, threads), "args": vars(args), "cells": cells, "imagenet_1k": search}
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

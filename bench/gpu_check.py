@@ -18,7 +18,10 @@ the Markdown are rewritten after every step (a check cut short keeps what it mea
    default ``--eval_cache_gb 8``.
 4. ``data_loading``: bench/data_loading.py, 768 JPEGs of 500x375, 0 4 8 16 loader workers,
    with and without the image cache.
-5. ``demo``: train.py with scripts/run_demo.sh's flags on the GPU (both stages, 5 + 40 epochs).
+5. ``kmeans``: bench/estimate_k.py, the K estimate's k-means on the GPU at 100k and 1M points
+   x 512 for k = 100 and 1,000 (scikit-learn's on the CPU where it fits the step's budget), and
+   what an ImageNet-1K-sized estimate takes on the card.
+6. ``demo``: train.py with scripts/run_demo.sh's flags on the GPU (both stages, 5 + 40 epochs).
 
 From the measured rates it then estimates the wall time of each benchmark's full paper schedule
 on the card (``schedule``) and the loader workers that keep the GPU fed (``loader_workers``),
@@ -51,7 +54,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STEPS = ("tests", "step_time", "eval_cache", "data_loading", "demo")
+STEPS = ("tests", "step_time", "eval_cache", "data_loading", "kmeans", "demo")
 KINDS = ("stage1", "stage2", "eval")
 
 # The standard GCD benchmarks: (training images, of which unlabelled). Training images: docs/method.md
@@ -91,6 +94,10 @@ class Plan:
     loading_batch: int
     loading_workers: tuple[int, ...]
     loading_repeats: int
+    kmeans_sizes: tuple[int, ...]  # estimate_k: points, clusters, repeats, and scikit-learn's budget
+    kmeans_ks: tuple[int, ...]     # per k-means (a cell predicted to take longer is left to torch)
+    kmeans_repeats: int
+    kmeans_sklearn_budget: float
     demo_extra: tuple[str, ...]  # train.py flags after the demo's
     tests_timeout_s: int
     expected_s: dict = None      # about how long each step takes: a step that would end past
@@ -99,9 +106,10 @@ class Plan:
 
 PLANS = {
     "cuda": Plan("ViT-B-16", 128, 10, 3, 200, True, 2048, 256, 3, 768, (500, 375), 224, 32, (0, 4, 8, 16), 3,
-                 (), 420, {"tests": 240, "step_time": 90, "eval_cache": 30, "data_loading": 60, "demo": 100}),
+                 (100_000, 1_000_000), (100, 1000), 3, 30.0, (), 420,
+                 {"tests": 240, "step_time": 90, "eval_cache": 30, "data_loading": 60, "kmeans": 60, "demo": 100}),
     # CPU mode: the same steps on GET-tiny, one or two steps each, a few images (CI: about 15 s).
-    "cpu": Plan("GET-tiny", 2, 1, 1, 10, False, 8, 4, 1, 8, (64, 48), 32, 4, (0, 1), 1,
+    "cpu": Plan("GET-tiny", 2, 1, 1, 10, False, 8, 4, 1, 8, (64, 48), 32, 4, (0, 1), 1, (300, 600), (4,), 1, 1e-9,
                 ("--tes_epochs", "1", "--epochs", "1", "--max_steps_per_epoch", "2", "--eval_every", "1"), 120),
 }
 
@@ -263,6 +271,17 @@ def run_data_loading(plan: Plan, out: Path, workers: tuple[int, ...]) -> dict:
     finally:
         torch.set_num_threads(threads)  # data_loading runs torch on one thread, as a loader worker
     return {"command": "python bench/data_loading.py " + " ".join(argv), **json.loads(path.read_text())}
+
+
+def run_kmeans(plan: Plan, out: Path, device: str) -> dict:
+    from bench import estimate_k
+
+    path = out / "kmeans.json"
+    argv = ["--device", device, "--sizes", ",".join(map(str, plan.kmeans_sizes)),
+            "--ks", ",".join(map(str, plan.kmeans_ks)), "--repeats", str(plan.kmeans_repeats),
+            "--sklearn_budget", f"{plan.kmeans_sklearn_budget:g}", "--json", str(path)]
+    estimate_k.main(argv)
+    return {"command": "python bench/estimate_k.py " + " ".join(argv), **json.loads(path.read_text())}
 
 
 def run_demo(plan: Plan, out: Path, device: str) -> dict:
@@ -486,6 +505,7 @@ def markdown(result: dict) -> str:
                          f"{', '.join(map(str, fed['uncached'])) or 'none'} / "
                          f"{', '.join(map(str, fed['cached'])) or 'none'} |")
         lines.append("")
+    lines += kmeans_markdown(result.get("kmeans"))
     demo = result.get("demo")
     if demo:
         m = demo["metrics"]
@@ -520,6 +540,26 @@ def markdown(result: dict) -> str:
                          f"**{hours(row.get('total_cached_s'))}** |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def kmeans_markdown(kmeans: dict | None) -> list[str]:
+    """The K estimate's k-means: seconds per k-means of each path, and the ImageNet-1K-sized search."""
+    if not kmeans:
+        return []
+    lines = [f"**The K estimate's k-means** (`{kmeans['command']}`; {kmeans['machine']}; torch on the check's "
+             "device, scikit-learn on the CPU):", "",
+             "| N | k | torch s | scikit-learn s | speed-up | Lloyd iterations torch |", "|---:|---:|---:|---:|---:|---:|"]
+    for c in kmeans["cells"]:
+        sk = c["sklearn_s"]
+        lines.append(f"| {c['n']:,} | {c['k']:,} | {c['torch_s']:.2f} | "
+                     + (f"{sk:.2f} | {sk / c['torch_s']:.1f}× |" if sk is not None else
+                        f"left out (predicted {c['sklearn_predicted_s']:.0f} s) | – |") + f" {c['torch_n_iter']} |")
+    search = kmeans["imagenet_1k"]
+    paths = [f"{path} {hours(search[path]['seconds'])} (from the {search[path]['from_cell'][0]:,} x "
+             f"{search[path]['from_cell'][1]:,} cell)" for path in ("torch", "sklearn") if path in search]
+    lines += ["", f"ImageNet-1K-sized estimate ({len(search['ks'])} values of k, sum {search['sum_k']:,}, each a "
+              f"k-means of {search['n']:,} points, in proportion to N x k): " + "; ".join(paths) + ".", ""]
+    return lines
 
 
 def print_estimates(result: dict) -> None:
@@ -571,6 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_time": lambda: run_step_time(plan, out, device, memory),
         "eval_cache": lambda: run_eval_cache(plan, out, device, schedule["eval_cache_gb"]),
         "data_loading": lambda: run_data_loading(plan, out, workers),
+        "kmeans": lambda: run_kmeans(plan, out, device),
         "demo": lambda: run_demo(plan, out, device),
     }
     for name in STEPS:

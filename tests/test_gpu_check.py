@@ -2,7 +2,7 @@
 of the GPU check runs on GET-tiny with a step or two and a few images, and the JSON and the
 Markdown it writes hold the measurements; the schedule estimates and the loader workers are
 recomputed here from the benchmarks' own files, the dataset sizes checked against
-docs/method.md."""
+docs/method.md, the K estimate's k-means timed on both paths and extrapolated."""
 from __future__ import annotations
 
 import ast
@@ -10,6 +10,10 @@ import json
 import math
 import re
 from pathlib import Path
+
+import pytest
+
+from evaluation.k_estimate import brent_search
 
 REPO = Path(__file__).resolve().parents[1]
 # The paper's schedule (train.py's defaults): epochs of each stage, samples per step, the
@@ -36,7 +40,7 @@ def test_gpu_check_cpu_mode_writes_the_measurements_and_consistent_estimates(tmp
     md = (tmp_path / "gpu_check-CPU.md").read_text()
     assert data["card"] == "CPU" and data["ok"] is result["ok"] is True, data["steps"]
     assert all(step["ran"] and step["ok"] for step in data["steps"].values()), data["steps"]
-    assert list(data["steps"]) == ["tests", "step_time", "eval_cache", "data_loading", "demo"]
+    assert list(data["steps"]) == ["tests", "step_time", "eval_cache", "data_loading", "kmeans", "demo"]
 
     # The CUDA tier: every test of tests/test_gpu.py collected, and skipped with its reason.
     tree = ast.parse((REPO / "tests" / "test_gpu.py").read_text())
@@ -109,6 +113,22 @@ def test_gpu_check_cpu_mode_writes_the_measurements_and_consistent_estimates(tmp
         assert feed["uncached"] == math.ceil(demand / per_process["per_process_uncached_samples_per_s"])
         assert feed["cached"] == math.ceil(demand / per_process["per_process_cached_samples_per_s"])
         assert f"| {kind} | {demand:.1f} | {feed['uncached']} | {feed['cached']} |" in md
+
+    # The K estimate's k-means: the first cell runs both paths; the second, predicted from the
+    # first in proportion to N x k, is over the budget and left to torch. The ImageNet-1K-sized
+    # search: the k of Brent's search, each path's seconds per N x k of its largest cell.
+    kmeans = data["kmeans"]
+    assert kmeans == json.loads((tmp_path / "kmeans.json").read_text()) | {"command": kmeans["command"]}
+    small, large = kmeans["cells"]
+    assert (small["n"], small["k"], large["n"], large["k"]) == (300, 4, 600, 4)
+    assert small["torch_inertia"] == pytest.approx(small["sklearn_inertia"], rel=0.05)
+    assert large["sklearn_s"] is None and large["sklearn_predicted_s"] == pytest.approx(small["sklearn_s"] * 2)
+    search = kmeans["imagenet_1k"]
+    assert search["ks"] == list(brent_search(lambda k: -abs(k - 1000) / 1000, 500, 2000)[1])
+    for path, cell in (("torch", large), ("sklearn", small)):
+        per = cell[f"{path}_s"] / (cell["n"] * cell["k"])
+        assert search[path]["seconds"] == pytest.approx(per * 1_281_167 * sum(search["ks"]))
+    assert f"| 600 | 4 | {large['torch_s']:.2f} | left out (predicted" in md
 
     # The demo: train.py with the demo's flags, its final accuracies and run folder.
     demo = data["demo"]

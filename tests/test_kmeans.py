@@ -2,7 +2,7 @@
 it: the true partition of well-separated blobs, a brute-force float64 recomputation of its
 labels and inertia, scikit-learn's KMeans (the algorithm it replaces) on data where k-means
 has no single answer, and its own rules for seeding (restarts seeded together as if alone),
-empty clusters, chunks and seeds; and bench/estimate_k.py end to end at a tiny size."""
+empty clusters, chunks and seeds. bench/estimate_k.py runs in tests/test_gpu_check.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -173,30 +173,3 @@ def test_cuda_is_deterministic_and_agrees_with_the_cpu():
     x, truth = blobs(0)
     assert adjusted_rand_score(truth, KM.kmeans(x.to(CUDA), 6, seed=0).labels.cpu().numpy()) == 1.0
 
-
-def test_the_benchmark_measures_both_paths_skips_by_its_budget_and_extrapolates(tmp_path, monkeypatch, capsys):
-    # bench/estimate_k.py end to end at a tiny size: what the CPU side of CI can run of it.
-    import json
-    import sys
-
-    from bench import estimate_k as bench
-    from evaluation.k_estimate import brent_search
-
-    out = tmp_path / "ek.json"
-    monkeypatch.setattr(sys, "argv", ["estimate_k.py", "--sizes", "300,600", "--ks", "4", "--repeats", "2",
-                                      "--sklearn_budget", "1e-9", "--json", str(out)])
-    bench.main()
-    result = json.loads(out.read_text())
-    small, large = result["cells"]
-    # The first cell runs both paths, twice each; the second is predicted from the first, over
-    # its budget, and skipped.
-    assert (small["n"], small["k"], len(small["all_seconds"]["torch"]), len(small["all_seconds"]["sklearn"])) == (300, 4, 2, 2)
-    assert small["torch_inertia"] == pytest.approx(small["sklearn_inertia"], rel=0.05)
-    assert large["sklearn_s"] is None and large["sklearn_predicted_s"] == pytest.approx(small["sklearn_s"] * 2)
-    # The extrapolation: the k of Brent's search, each path's seconds per N x k of its largest cell.
-    search = result["imagenet_1k"]
-    assert search["ks"] == list(brent_search(lambda k: -abs(k - 1000) / 1000, 500, 2000)[1])
-    for path, cell in (("torch", large), ("sklearn", small)):
-        per = cell[f"{path}_s"] / (cell["n"] * cell["k"])
-        assert search[path]["seconds"] == pytest.approx(per * bench.IMAGENET_N * sum(search["ks"]))
-    assert "skipped (predicted" in capsys.readouterr().out

@@ -109,21 +109,23 @@ def measure_cell(x_cpu: torch.Tensor, x_dev: torch.Tensor, k: int, device: torch
     return cell
 
 
-def print_table(cells: list[dict], budget: float) -> None:
-    print("\n| N | k | torch s | scikit-learn s | speed-up | torch ns / (N k) | scikit-learn ns / (N k) "
-          "| inertia torch / scikit-learn | Lloyd iterations torch / scikit-learn |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def table_lines(cells: list[dict], budget: float) -> list[str]:
+    """The cells as a Markdown table (this script's output, and the GPU check's section)."""
+    lines = ["| N | k | torch s | scikit-learn s | speed-up | torch ns / (N k) | scikit-learn ns / (N k) "
+             "| inertia torch / scikit-learn | Lloyd iterations torch / scikit-learn |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         per = lambda s: f"{s / (c['n'] * c['k']) * 1e9:.1f}"  # noqa: E731
         if c["sklearn_s"] is None:
-            sk = f"skipped (predicted {c['sklearn_predicted_s']:.0f} > {budget:.0f})"
+            sk = f"left out (predicted {c['sklearn_predicted_s']:.0f} s > {budget:g} s)"
             rest = f"| – | {per(c['torch_s'])} | – | – | {c['torch_n_iter']} / – |"
         else:
             sk = f"{c['sklearn_s']:.2f}"
             rest = (f"| {c['sklearn_s'] / c['torch_s']:.1f}x | {per(c['torch_s'])} | {per(c['sklearn_s'])} "
                     f"| {c['torch_inertia'] / c['sklearn_inertia']:.4f} "
                     f"| {c['torch_n_iter']} / {c['sklearn_n_iter']} |")
-        print(f"| {c['n']:,} | {c['k']:,} | {c['torch_s']:.2f} | {sk} " + rest)
+        lines.append(f"| {c['n']:,} | {c['k']:,} | {c['torch_s']:.2f} | {sk} " + rest)
+    return lines
 
 
 def imagenet_search(max_classes: int, true_k: int) -> list[int]:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"  {n:>9,} x {k:>5,}: torch {cell['torch_s']:.2f} s, scikit-learn "
                       + (f"{cell['sklearn_s']:.2f} s" if cell["sklearn_s"] is not None else "skipped"), flush=True)
             del x_cpu, x_dev
-    print_table(cells, args.sklearn_budget)
+    print("\n" + "\n".join(table_lines(cells, args.sklearn_budget)))
     search = extrapolate(cells, imagenet_search(args.max_classes, args.true_k), args.max_classes, args.true_k, device)
     result = {"machine": machine(device, threads), "args": vars(args), "cells": cells, "imagenet_1k": search}
     if args.json:

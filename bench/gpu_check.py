@@ -280,8 +280,7 @@ def run_kmeans(plan: Plan, out: Path, device: str) -> dict:
     argv = ["--device", device, "--sizes", ",".join(map(str, plan.kmeans_sizes)),
             "--ks", ",".join(map(str, plan.kmeans_ks)), "--repeats", str(plan.kmeans_repeats),
             "--sklearn_budget", f"{plan.kmeans_sklearn_budget:g}", "--json", str(path)]
-    estimate_k.main(argv)
-    return {"command": "python bench/estimate_k.py " + " ".join(argv), **json.loads(path.read_text())}
+    return {"command": "python bench/estimate_k.py " + " ".join(argv), **estimate_k.main(argv)}
 
 
 def run_demo(plan: Plan, out: Path, device: str) -> dict:
@@ -546,20 +545,15 @@ def kmeans_markdown(kmeans: dict | None) -> list[str]:
     """The K estimate's k-means: seconds per k-means of each path, and the ImageNet-1K-sized search."""
     if not kmeans:
         return []
-    lines = [f"**The K estimate's k-means** (`{kmeans['command']}`; {kmeans['machine']}; torch on the check's "
-             "device, scikit-learn on the CPU):", "",
-             "| N | k | torch s | scikit-learn s | speed-up | Lloyd iterations torch |", "|---:|---:|---:|---:|---:|---:|"]
-    for c in kmeans["cells"]:
-        sk = c["sklearn_s"]
-        lines.append(f"| {c['n']:,} | {c['k']:,} | {c['torch_s']:.2f} | "
-                     + (f"{sk:.2f} | {sk / c['torch_s']:.1f}× |" if sk is not None else
-                        f"left out (predicted {c['sklearn_predicted_s']:.0f} s) | – |") + f" {c['torch_n_iter']} |")
+    from bench.estimate_k import table_lines
+
     search = kmeans["imagenet_1k"]
     paths = [f"{path} {hours(search[path]['seconds'])} (from the {search[path]['from_cell'][0]:,} x "
              f"{search[path]['from_cell'][1]:,} cell)" for path in ("torch", "sklearn") if path in search]
-    lines += ["", f"ImageNet-1K-sized estimate ({len(search['ks'])} values of k, sum {search['sum_k']:,}, each a "
-              f"k-means of {search['n']:,} points, in proportion to N x k): " + "; ".join(paths) + ".", ""]
-    return lines
+    return [f"**The K estimate's k-means** (`{kmeans['command']}`; {kmeans['machine']}; torch on the check's "
+            "device, scikit-learn on the CPU):", "", *table_lines(kmeans["cells"], kmeans["args"]["sklearn_budget"]),
+            "", f"ImageNet-1K-sized estimate ({len(search['ks'])} values of k, sum {search['sum_k']:,}, each a "
+            f"k-means of {search['n']:,} points, in proportion to N x k): " + "; ".join(paths) + ".", ""]
 
 
 def print_estimates(result: dict) -> None:
